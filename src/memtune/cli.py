@@ -1,0 +1,108 @@
+"""The `memtune` command: train, eval, merge, demo.
+
+User errors (MemtuneError) print one line, `memtune: error: ...`, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import MemtuneError
+
+
+def _split_target(args: list[str]) -> tuple[str | None, list[str]]:
+    """[CONFIG.yaml | RUN_DIR] [key=value ...]: the first argument without '=' is the target."""
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    bad = [a for a in args if "=" not in a]
+    if bad:
+        raise MemtuneError(f"unexpected argument '{bad[0]}' (overrides look like key=value)")
+    return None, args
+
+
+def cmd_train(ns) -> int:
+    from .recipe import load_recipe
+    from .train import train
+
+    target, overrides = _split_target(ns.args)
+    summary = train(load_recipe(target, overrides), resume=ns.resume)
+    out = {"output_dir": summary["recipe"]["output_dir"], "steps": summary["train"]["steps"],
+           "loss_first": summary["train"]["loss_first"], "loss_last": summary["train"]["loss_last"],
+           "eval": summary["eval"], "params": summary["params"], "memory_bytes": summary["memory_bytes"]}
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_eval(ns) -> int:
+    from .evaluate import evaluate
+
+    target, overrides = _split_target(ns.args)
+    print(json.dumps(evaluate(target, overrides)))
+    return 0
+
+
+def cmd_merge(ns) -> int:
+    from .merge import merge
+
+    out = merge(ns.run_dir, ns.to, ns.overrides)
+    print(json.dumps({"merged": str(out)}))
+    return 0
+
+
+def cmd_demo(ns) -> int:
+    from .demo import run_demo
+
+    run_demo(data=ns.data, out_dir=ns.out, epochs=ns.epochs, max_examples=ns.max_examples)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="memtune", description="Fine-tune transformer models inside a memory budget.")
+    sub = p.add_subparsers(dest="command")
+
+    t = sub.add_parser("train", help="train a recipe: memtune train [CONFIG.yaml] [key=value ...] [--resume]")
+    t.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a run or a recipe: memtune eval [RUN_DIR | CONFIG.yaml] [key=value ...]")
+    e.add_argument("args", nargs="*", metavar="RUN_DIR | CONFIG.yaml | key=value")
+    e.set_defaults(fn=cmd_eval)
+
+    m = sub.add_parser("merge", help="merge a run's adapter into its base: memtune merge RUN_DIR --to DIR")
+    m.add_argument("run_dir")
+    m.add_argument("--to", required=True, help="output directory for the merged transformers model")
+    m.add_argument("overrides", nargs="*", metavar="key=value")
+    m.set_defaults(fn=cmd_merge)
+
+    d = sub.add_parser("demo", help="full fine-tuning vs LoRA on pretrained MiniLM, side by side")
+    d.add_argument("--data", help="labeled TSV/CSV/JSONL (e.g. SST-2 train.tsv); default: the bundled set")
+    d.add_argument("--out", default="runs/demo", help="where runs, demo.json and demo.png go")
+    d.add_argument("--epochs", type=float, default=None, help="training epochs (default: 3 bundled, 1 --data)")
+    d.add_argument("--max-examples", type=int, default=None, help="use at most this many training examples")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if not getattr(ns, "fn", None):
+        parser.print_help()
+        return 2
+    try:
+        return ns.fn(ns)
+    except MemtuneError as e:
+        print(f"memtune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("memtune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

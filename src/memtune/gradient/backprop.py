@@ -1,0 +1,82 @@
+"""Backpropagation with AdamW: the standard update rule.
+
+Gradient accumulation normalizes over all targets of the accumulated batch, not per micro-batch:
+
+    loss = (sum over micro-batches m of sum_t l_{m,t}) / N,   N = total targets of all micro-batches
+
+so a step over k micro-batches equals one step over their concatenation (a per-micro-batch mean
+would over-weight short micro-batches; cf. huggingface/transformers#34191). Each micro-batch's
+summed loss is divided by N before its backward, so only one micro-batch's activations live at once.
+Weight decay skips biases and norm weights (tensors with fewer than 2 dimensions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ConfigError
+from ..recipe import OptimizerConfig
+from .base import OPTIMIZERS, StepStats, UpdateRule, schedule_factor
+
+
+@dataclass
+class AdamWConfig(OptimizerConfig):
+    kind: str = "adamw"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+    def check(self, prefix: str) -> None:
+        super().check(prefix)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"{prefix}.betas: expected two numbers in [0, 1), got {self.betas}")
+
+
+@OPTIMIZERS.register("adamw", AdamWConfig)
+class Backprop(UpdateRule):
+    config: AdamWConfig
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        decay = [p for _, p in named if p.ndim >= 2]
+        no_decay = [p for _, p in named if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": self.config.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        self._opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.config.lr,
+                                      betas=tuple(self.config.betas), eps=self.config.eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self._opt, schedule_factor(self.train_cfg.schedule, self.train_cfg.warmup_steps, self.total_steps))
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self._opt
+
+    @property
+    def lr(self) -> float:
+        return self._opt.param_groups[0]["lr"]
+
+    def step(self, micro_batches: list[dict]) -> StepStats:
+        n = sum(self.task.count(b) for b in micro_batches)  # N: targets of the whole step
+        total = 0.0
+        for batch in micro_batches:
+            with self.forward_ctx():
+                loss_sum, _ = self.task.loss_sum(self.model, batch)
+            (loss_sum / max(n, 1)).backward()
+            total += float(loss_sum.detach())
+        max_norm = self.train_cfg.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
+        self._opt.step()
+        self.scheduler.step()
+        self._opt.zero_grad(set_to_none=True)
+        tokens = sum(self.task.tokens(b) for b in micro_batches)
+        return StepStats(loss=total / max(n, 1), targets=n, tokens=tokens, grad_norm=float(norm))
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self._opt.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._opt.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])

@@ -1,0 +1,26 @@
+"""`memtune merge RUN_DIR --to DIR`: fold the trained adapter into the base and save a plain
+transformers model (with its tokenizer) that `AutoModel*.from_pretrained` loads without memtune."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import MemtuneError
+from .evaluate import load_for_eval
+
+
+def merge(run_dir: str, to: str, overrides: list[str] = ()) -> Path:
+    out = Path(to)
+    if out.exists() and any(out.iterdir()):
+        raise MemtuneError(f"--to {out}: directory exists and is not empty")
+    if not Path(run_dir).is_dir():
+        raise MemtuneError(f"{run_dir}: no such run directory")
+    run = load_for_eval(run_dir, list(overrides))
+    with torch.no_grad():
+        model = run.method.merged(run.model)
+    model.to("cpu")
+    model.save_pretrained(out)
+    run.tokenizer.save_pretrained(out)
+    return out

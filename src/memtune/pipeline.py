@@ -1,0 +1,131 @@
+"""Assembling a run from a recipe, in the order of the design's data flow:
+
+    model loaded -> base storage applied -> trainable part attached -> data tokenized -> device
+
+`train`, `eval`, `merge` and `demo` all build their model here, so a recipe means the same model in
+every command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ContextManager
+
+import torch
+from torch import nn
+
+from .adapters import ADAPTERS, AdapterMethod, method_for_saved
+from .data import TokenizedData, infer_labels, load_data, read_records
+from .data.readers import Record
+from .errors import ConfigError
+from .models import CLASSIFICATION, load_model
+from .recipe import Recipe
+from .storage import STORAGE, BaseStorage
+from .tasks import TASKS, Task
+
+
+@dataclass
+class Run:
+    recipe: Recipe
+    model: nn.Module
+    tokenizer: object
+    task: Task
+    method: AdapterMethod
+    storage: BaseStorage
+    device: torch.device
+
+    def forward_ctx(self) -> Callable[[], ContextManager]:
+        if self.recipe.train.precision == "bf16":
+            return lambda: torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext
+
+    def param_counts(self) -> dict:
+        seen, total, trainable = set(), 0, 0
+        for p in self.model.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        return {"total": total, "trainable": trainable}
+
+    def load_data(self, spec: str, split: str, records: list[Record] | None = None) -> TokenizedData:
+        d = self.recipe.data
+        return load_data(spec, task=self.recipe.task, fmt=d.format, tokenizer=self.tokenizer,
+                         max_length=d.max_length, labels=d.labels, split=split, records=records)
+
+    def batches(self, data: TokenizedData, batch_size: int):
+        from .data import collate
+
+        pad = self.tokenizer.pad_token_id
+        for i in range(0, len(data), batch_size):
+            yield to_device(collate(data.examples[i:i + batch_size], pad), self.device)
+
+    def evaluate(self, data: TokenizedData) -> dict:
+        bs = self.recipe.train.eval_batch_size or self.recipe.train.batch_size
+        return self.task.evaluate(self.model, self.batches(data, bs), self.forward_ctx())
+
+
+def pick_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"train.device: '{spec}' is not a device (expected auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: '{spec}' requested but CUDA is not available")
+    return dev
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def resolve_labels(recipe: Recipe, train_records: list[Record] | None) -> None:
+    """Classification label names: from data.labels, else inferred from the training data."""
+    if recipe.task != CLASSIFICATION or recipe.data.labels:
+        return
+    if train_records is None:
+        raise ConfigError("data.labels: needed for classification when there is no data.train to infer them from")
+    recipe.data.labels = infer_labels(train_records, recipe.data.train or "")
+
+
+def build_run(recipe: Recipe, train_records: list[Record] | None = None,
+              adapter_path: str | Path | None = None) -> Run:
+    """Model + storage + trainable part on the target device. `adapter_path` (or recipe.adapter.path)
+    loads a saved artifact onto the attached method."""
+    resolve_labels(recipe, train_records)
+    storage = STORAGE.get(recipe.quantize.kind)(recipe.quantize)
+    loaded = load_model(recipe.model, recipe.task, recipe.data.labels, dtype=storage.load_dtype())
+    model = loaded.model
+    storage.apply(model)
+    path = adapter_path or recipe.adapter.path
+    if path and recipe.adapter.kind != "full":
+        method = method_for_saved(path, recipe.task)
+        if type(method) is not ADAPTERS.get(recipe.adapter.kind):
+            raise ConfigError(f"adapter.path: {path} holds a {method.peft_type} adapter, but adapter.kind is "
+                              f"'{recipe.adapter.kind}'")
+        recipe.adapter = method.config
+    else:
+        method = ADAPTERS.get(recipe.adapter.kind)(recipe.adapter, recipe.task)
+    method.attach(model)
+    if path:
+        method.load(model, Path(path))
+    if recipe.train.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
+        # non-reentrant checkpointing works with a frozen base (no "does not require grad" error)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    device = pick_device(recipe.train.device)
+    model.to(device)
+    return Run(recipe, model, loaded.tokenizer, TASKS[recipe.task](), method, storage, device)
+
+
+def read_train_records(recipe: Recipe) -> list[Record]:
+    if not recipe.data.train:
+        raise ConfigError("data.train: no training data given (set data.train=FILE)")
+    return read_records(recipe.data.train, recipe.data.split)

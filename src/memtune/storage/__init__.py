@@ -1,0 +1,59 @@
+"""The *base storage* axis: how frozen base weights are kept.
+
+A storage is applied to the loaded model before the trainable part is attached, so any adapter
+wraps whatever the storage left in place (a plain Linear here; quantized layers later). Values:
+
+    none   weights as loaded, optionally cast (`dtype: bf16` halves frozen-weight bytes)
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..recipe import StorageConfig
+from ..registry import Registry
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class BaseStorage(ABC):
+    def __init__(self, config: StorageConfig) -> None:
+        self.config = config
+
+    def load_dtype(self) -> torch.dtype | None:
+        """dtype to load pretrained weights in (None: as stored)."""
+        return None
+
+    @abstractmethod
+    def apply(self, model: nn.Module) -> None:
+        """Convert the base model's frozen weights in place."""
+
+    def describe(self) -> dict:
+        return {}
+
+
+STORAGE: Registry[type[BaseStorage]] = Registry("quantize")
+
+
+@dataclass
+class PlainConfig(StorageConfig):
+    kind: str = "none"
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto = as loaded (fp32 for presets)
+
+
+@STORAGE.register("none", PlainConfig)
+class PlainStorage(BaseStorage):
+    config: PlainConfig
+
+    def load_dtype(self) -> torch.dtype | None:
+        return DTYPES.get(self.config.dtype)
+
+    def apply(self, model: nn.Module) -> None:
+        dtype = DTYPES.get(self.config.dtype)
+        if dtype is not None:
+            model.to(dtype)

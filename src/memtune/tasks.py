@@ -1,0 +1,98 @@
+"""Tasks: how a batch turns into a summed loss and a target count, and how a model is evaluated.
+
+Losses are returned as *sums* with the number of targets they cover, so gradient accumulation can
+normalize over all targets of the accumulated batch (see `memtune.gradient.backprop`):
+
+    causal-lm       sum over positions t of CE(logits[t], labels[t+1]) for labels[t+1] != -100
+    classification  sum over examples of CE(logits, label)
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import IGNORE
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+
+
+class Task(ABC):
+    name: str
+
+    @abstractmethod
+    def count(self, batch: dict) -> int:
+        """Number of loss targets in a batch."""
+
+    @abstractmethod
+    def loss_sum(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        """(summed loss over the batch's targets, extra statistics)."""
+
+    def tokens(self, batch: dict) -> int:
+        """Non-padding input tokens (the throughput unit)."""
+        return int(batch["attention_mask"].sum())
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterable[dict], forward_ctx) -> dict:
+        was_training = model.training
+        model.eval()
+        total, count, stats = 0.0, 0, {}
+        for batch in batches:
+            with forward_ctx():
+                s, extra = self.loss_sum(model, batch)
+            total += float(s)
+            count += self.count(batch)
+            for k, v in extra.items():
+                stats[k] = stats.get(k, 0) + v
+        model.train(was_training)
+        return self.finish_eval(total, count, stats)
+
+    def finish_eval(self, total: float, count: int, stats: dict) -> dict:
+        return {"loss": total / max(count, 1), "targets": count}
+
+
+class CausalLMTask(Task):
+    name = "causal-lm"
+
+    def count(self, batch: dict) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+    def loss_sum(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        logits = model(**model_inputs(batch)).logits  # (B, T, V)
+        # position t predicts token t+1
+        shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])  # (B*(T-1), V)
+        shift_labels = batch["labels"][:, 1:].reshape(-1)  # (B*(T-1),)
+        return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE, reduction="sum"), {}
+
+    def finish_eval(self, total: float, count: int, stats: dict) -> dict:
+        out = super().finish_eval(total, count, stats)
+        out["perplexity"] = float(torch.tensor(out["loss"]).exp())
+        return out
+
+
+class ClassificationTask(Task):
+    name = "classification"
+
+    def count(self, batch: dict) -> int:
+        return int(batch["label"].numel())
+
+    def loss_sum(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        logits = model(**model_inputs(batch)).logits.float()  # (B, num_labels)
+        correct = int((logits.argmax(-1) == batch["label"]).sum())
+        return F.cross_entropy(logits, batch["label"], reduction="sum"), {"correct": correct}
+
+    def finish_eval(self, total: float, count: int, stats: dict) -> dict:
+        out = super().finish_eval(total, count, stats)
+        out["accuracy"] = stats.get("correct", 0) / max(count, 1)
+        return out
+
+
+TASKS = {"causal-lm": CausalLMTask, "classification": ClassificationTask}

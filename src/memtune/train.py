@@ -1,0 +1,283 @@
+"""The one training loop, for every recipe.
+
+Per optimizer step: take `grad_accum` micro-batches in the epoch's fixed order, hand them to the
+recipe's update rule (backprop+AdamW, or any other registered rule), then log, evaluate and
+checkpoint on schedule. The first `train.measure_memory_steps` steps run under the memory tracker
+(steady state is reached once gradients and optimizer state exist, i.e. after step 1).
+
+Outputs in `output_dir`: summary.json, metrics.jsonl, loss.png, recipe.yaml, adapter/ or model/,
+checkpoints/ (when save_every > 0), and tensorboard/ (when enabled).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_atomic_text
+from .data import TokenizedData, collate, epoch_order
+from .errors import ConfigError, MemtuneError
+from .gradient import OPTIMIZERS, StepStats
+from .memory.tracker import MemoryTracker
+from .pipeline import Run, build_run, read_train_records, to_device
+from .recipe import Recipe, recipe_to_yaml
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    epoch: int = 0
+    position: int = 0  # next micro-batch index within the epoch
+    loss_first: float | None = None
+    loss_last: float | None = None
+    tokens: int = 0
+    seconds: float = 0.0  # time spent in update steps (excludes eval and checkpoint I/O)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class StepEvent:
+    """What callbacks see after each optimizer step."""
+
+    step: int
+    total_steps: int
+    stats: StepStats
+    state: LoopState
+    run: Run
+
+
+@dataclass
+class Trainer:
+    recipe: Recipe
+    resume: bool = False
+    callbacks: list[Callable[[StepEvent], None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.recipe.output_dir)
+
+    # -- set-up --------------------------------------------------------------------------------
+    def _prepare_output(self) -> Path | None:
+        ckpt = latest_checkpoint(self.out)
+        if self.resume:
+            if ckpt is None:
+                raise MemtuneError(f"--resume: no checkpoint in {self.out / 'checkpoints'}")
+            return ckpt
+        if ckpt is not None and not (self.out / "summary.json").exists():
+            raise MemtuneError(f"{self.out}: holds checkpoints of an unfinished run; pass --resume to continue "
+                               f"it, or choose another output_dir")
+        if (self.out / "checkpoints").exists():
+            shutil.rmtree(self.out / "checkpoints")
+        self.out.mkdir(parents=True, exist_ok=True)
+        return None
+
+    def setup(self) -> None:
+        r = self.recipe
+        ckpt = self._prepare_output()
+        records = read_train_records(r)
+        torch.manual_seed(r.train.seed)
+        self.run = build_run(r, records)
+        self.train_data = self.run.load_data(r.data.train, r.data.split, records)
+        self.eval_data = self.run.load_data(r.data.eval, r.data.eval_split) if r.data.eval else None
+        t = r.train
+        micro_per_epoch = math.ceil(len(self.train_data) / t.batch_size)
+        self.micro_per_epoch = micro_per_epoch
+        steps_per_epoch = max(micro_per_epoch // t.grad_accum, 1)
+        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+        if not any(p.requires_grad for p in self.run.model.parameters()) and r.optimizer.kind == "adamw":
+            raise ConfigError("adapter: the recipe leaves no trainable parameter")
+        self.rule = OPTIMIZERS.get(r.optimizer.kind)(r.optimizer, self.run.model, self.run.task, t,
+                                                     self.total_steps, self.run.forward_ctx())
+        self.state = LoopState()
+        if ckpt is not None:
+            rule_state, saved = load_checkpoint(ckpt, self.run.model)
+            self.rule.load_state_dict(rule_state)
+            self.state = LoopState(**saved)
+            self._truncate_metrics(self.state.step)
+        else:
+            (self.out / "metrics.jsonl").write_text("")
+        (self.out / "recipe.yaml").write_text(recipe_to_yaml(r))
+        self.tracker = MemoryTracker(self.run.model, self.rule.optimizer)
+        self.writer = self._tensorboard() if t.tensorboard else None
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("train.tensorboard: needs the tensorboard package (pip install 'memtune[tensorboard]')") from None
+        return SummaryWriter(str(self.out / "tensorboard"))
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop log lines past the checkpoint, so a resumed log reads as one uninterrupted run."""
+        path = self.out / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        write_atomic_text(path, "".join(ln + "\n" for ln in keep))
+
+    # -- data order ----------------------------------------------------------------------------
+    def _next_micro_batches(self) -> list[dict]:
+        t, s = self.recipe.train, self.state
+        out = []
+        for _ in range(t.grad_accum):
+            if s.position >= self.micro_per_epoch:
+                s.epoch, s.position = s.epoch + 1, 0
+            order = self._order(s.epoch)
+            idx = order[s.position * t.batch_size:(s.position + 1) * t.batch_size]
+            s.position += 1
+            batch = collate([self.train_data.examples[i] for i in idx], self.run.tokenizer.pad_token_id)
+            out.append(to_device(batch, self.run.device))
+        return out
+
+    def _order(self, epoch: int) -> list[int]:
+        if getattr(self, "_order_epoch", None) != epoch:
+            self._order_cache = epoch_order(len(self.train_data), self.recipe.train.seed, epoch)
+            self._order_epoch = epoch
+        return self._order_cache
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        self.setup()
+        t, s = self.recipe.train, self.state
+        bar = self._progress()
+        metrics = open(self.out / "metrics.jsonl", "a")
+        measured = 0
+        self.run.model.train()
+        try:
+            while s.step < self.total_steps:
+                batches = self._next_micro_batches()
+                t0 = time.perf_counter()
+                if measured < t.measure_memory_steps:
+                    with self.tracker.measure(*[v for b in batches for v in b.values()]):
+                        stats = self.rule.step(batches)
+                    measured += 1
+                else:
+                    stats = self.rule.step(batches)
+                if self.run.device.type == "cuda":
+                    torch.cuda.synchronize()
+                s.seconds += time.perf_counter() - t0
+                s.step += 1
+                s.tokens += stats.tokens
+                s.loss_first = stats.loss if s.loss_first is None else s.loss_first
+                s.loss_last = stats.loss
+                if not math.isfinite(stats.loss):
+                    raise MemtuneError(f"step {s.step}: loss is {stats.loss}; lower optimizer.lr or use "
+                                       f"train.precision=fp32")
+                if s.step % t.log_every == 0 or s.step == self.total_steps:
+                    self._log(metrics, stats)
+                if t.eval_every and self.eval_data is not None and s.step % t.eval_every == 0 \
+                        and s.step < self.total_steps:
+                    self._log_eval(metrics, self.run.evaluate(self.eval_data))
+                if t.save_every and s.step % t.save_every == 0 and s.step < self.total_steps:
+                    save_checkpoint(self.out, s.step, self.run.model, self.rule.state_dict(), s.to_dict(),
+                                    t.keep_checkpoints)
+                self._update_bar(bar, stats)
+                for cb in self.callbacks:
+                    cb(StepEvent(s.step, self.total_steps, stats, s, self.run))
+        finally:
+            metrics.close()
+            if bar is not None:
+                bar.close()
+        return self._finish()
+
+    def _log(self, f, stats: StepStats) -> None:
+        s = self.state
+        row = {"step": s.step, "epoch": round(s.epoch + s.position / self.micro_per_epoch, 4),
+               "loss": stats.loss, "lr": self.rule.lr, "grad_norm": stats.grad_norm, "targets": stats.targets,
+               "tokens": s.tokens, "tokens_per_second": s.tokens / max(s.seconds, 1e-9),
+               "seconds": round(s.seconds, 4), "memory_bytes": self._memory_now()}
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        if self.writer is not None:
+            for k in ("loss", "lr", "grad_norm", "tokens_per_second"):
+                if row[k] is not None:
+                    self.writer.add_scalar(f"train/{k}", row[k], s.step)
+
+    def _log_eval(self, f, result: dict) -> None:
+        f.write(json.dumps({"step": self.state.step, **{f"eval_{k}": v for k, v in result.items()}}) + "\n")
+        f.flush()
+        if self.writer is not None:
+            for k, v in result.items():
+                self.writer.add_scalar(f"eval/{k}", v, self.state.step)
+
+    def _memory_now(self) -> int:
+        if self.run.device.type == "cuda":
+            return int(torch.cuda.memory_allocated(self.run.device))
+        return self.tracker.report().peak
+
+    def _progress(self):
+        if not self.recipe.train.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.total_steps, initial=self.state.step, desc="train", unit="step", dynamic_ncols=True)
+
+    def _update_bar(self, bar, stats: StepStats) -> None:
+        if bar is None:
+            return
+        s = self.state
+        bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{s.tokens / max(s.seconds, 1e-9):.0f}",
+                        mem=_human(self._memory_now()), refresh=False)
+        bar.update(1)
+
+    # -- outputs -------------------------------------------------------------------------------
+    def _finish(self) -> dict:
+        from .plots import plot_loss
+
+        r, s = self.recipe, self.state
+        result = self.run.evaluate(self.eval_data) if self.eval_data is not None else None
+        if result is not None:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                self._log_eval(f, result)
+        artifact = self.run.method.save(self.run.model, self.out, r.model)
+        self.run.tokenizer.save_pretrained(self.out / "tokenizer")
+        mem = self.tracker.report()
+        summary = {
+            "recipe": r.to_dict(),
+            "params": self.run.param_counts(),
+            "memory_bytes": {"parameters": mem.parameters, "parameters_trainable": mem.parameters_trainable,
+                             "parameters_frozen": mem.parameters_frozen, "buffers": mem.buffers,
+                             "gradients": mem.gradients, "optimizer": mem.optimizer,
+                             "activations": mem.activations, "peak": mem.peak,
+                             "cuda_max_allocated": mem.cuda_max_allocated,
+                             "measured_steps": min(r.train.measure_memory_steps, s.step)},
+            "train": {"steps": s.step, "loss_first": s.loss_first, "loss_last": s.loss_last,
+                      "tokens": s.tokens, "tokens_per_second": s.tokens / max(s.seconds, 1e-9),
+                      "tokens_definition": "non-padding input tokens per second of update-step time",
+                      "seconds": s.seconds, "examples": len(self.train_data),
+                      "dropped_examples": self.train_data.dropped, "format": self.train_data.format},
+            "eval": {k: v for k, v in (result or {}).items() if k in ("loss", "accuracy", "perplexity")},
+            "adapter": {"kind": r.adapter.kind, "artifact": str(artifact.relative_to(self.out)),
+                        **self.run.method.describe()},
+            "device": _device_name(self.run.device),
+        }
+        write_atomic_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        plot_loss(self.out / "metrics.jsonl", self.out / "loss.png", title=f"{r.model} · {r.adapter.kind}")
+        if self.writer is not None:
+            self.writer.close()
+        return summary
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return "cpu"
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.1f}TiB"
+
+
+def train(recipe: Recipe, resume: bool = False, callbacks=()) -> dict:
+    return Trainer(recipe, resume, list(callbacks)).fit()
