@@ -90,22 +90,26 @@ def _wordpiece_tokenizer():
 
 
 def _tiny_config(name: str, vocab: int, bos: int | None, eos: int | None, pad: int):
-    from transformers import BertConfig, GPT2Config, LlamaConfig, OPTConfig
+    """The preset's transformers config (only that architecture's module is imported)."""
+    import transformers
 
     if name == "tiny-llama":
-        return LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                           bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=False)
+        return transformers.LlamaConfig(
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=bos, eos_token_id=eos,
+            pad_token_id=pad, tie_word_embeddings=False)
     if name == "tiny-opt":
-        return OPTConfig(vocab_size=vocab, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
-                         num_attention_heads=4, word_embed_proj_dim=64, max_position_embeddings=2048,
-                         bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, dropout=0.0)
+        return transformers.OPTConfig(
+            vocab_size=vocab, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+            word_embed_proj_dim=64, max_position_embeddings=2048, bos_token_id=bos, eos_token_id=eos,
+            pad_token_id=pad, dropout=0.0)
     if name == "tiny-gpt2":
-        return GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=2048,
-                          bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+        return transformers.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=2048,
+                                       bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
     if name == "tiny-bert":
-        return BertConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, max_position_embeddings=512, pad_token_id=pad)
+        return transformers.BertConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
+                                       pad_token_id=pad)
     raise KeyError(name)
 
 

@@ -118,7 +118,11 @@ def build_run(recipe: Recipe, train_records: list[Record] | None = None,
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
         # non-reentrant checkpointing works with a frozen base (no "does not require grad" error)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
     device = pick_device(recipe.train.device)
     model.to(device)

@@ -192,7 +192,8 @@ class Trainer:
         row = {"step": s.step, "epoch": round(s.epoch + s.position / self.micro_per_epoch, 4),
                "loss": stats.loss, "lr": self.rule.lr, "grad_norm": stats.grad_norm, "targets": stats.targets,
                "tokens": s.tokens, "tokens_per_second": s.tokens / max(s.seconds, 1e-9),
-               "seconds": round(s.seconds, 4), "memory_bytes": self._memory_now()}
+               "seconds": round(s.seconds, 4),
+               ("cuda_allocated_bytes" if self.run.device.type == "cuda" else "rss_bytes"): self._memory_now()}
         f.write(json.dumps(row) + "\n")
         f.flush()
         if self.writer is not None:
@@ -208,9 +209,12 @@ class Trainer:
                 self.writer.add_scalar(f"eval/{k}", v, self.state.step)
 
     def _memory_now(self) -> int:
+        """Memory in use now: CUDA allocated bytes on GPU, process resident set size on CPU."""
         if self.run.device.type == "cuda":
             return int(torch.cuda.memory_allocated(self.run.device))
-        return self.tracker.report().peak
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
 
     def _progress(self):
         if not self.recipe.train.progress:

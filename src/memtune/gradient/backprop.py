@@ -21,6 +21,21 @@ from ..recipe import OptimizerConfig
 from .base import OPTIMIZERS, StepStats, UpdateRule, schedule_factor
 
 
+def accumulate_gradients(model, task, micro_batches: list[dict], forward_ctx) -> tuple[float, int]:
+    """Backward over all micro-batches with the loss normalized by N, the step's total targets.
+
+    Returns (summed loss, N); p.grad then holds d(sum of losses / N)/dp.
+    """
+    n = sum(task.count(b) for b in micro_batches)
+    total = 0.0
+    for batch in micro_batches:
+        with forward_ctx():
+            loss_sum, _ = task.loss_sum(model, batch)
+        (loss_sum / max(n, 1)).backward()
+        total += float(loss_sum.detach())
+    return total, n
+
+
 @dataclass
 class AdamWConfig(OptimizerConfig):
     kind: str = "adamw"
@@ -59,13 +74,7 @@ class Backprop(UpdateRule):
         return self._opt.param_groups[0]["lr"]
 
     def step(self, micro_batches: list[dict]) -> StepStats:
-        n = sum(self.task.count(b) for b in micro_batches)  # N: targets of the whole step
-        total = 0.0
-        for batch in micro_batches:
-            with self.forward_ctx():
-                loss_sum, _ = self.task.loss_sum(self.model, batch)
-            (loss_sum / max(n, 1)).backward()
-            total += float(loss_sum.detach())
+        total, n = accumulate_gradients(self.model, self.task, micro_batches, self.forward_ctx)
         max_norm = self.train_cfg.max_grad_norm
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
         self._opt.step()

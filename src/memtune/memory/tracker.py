@@ -1,0 +1,353 @@
+"""Exact byte accounting of live tensors during a training step, by category.
+
+Categories (the memtune summary contract; every number is in bytes, each storage counted once):
+
+- ``parameters_trainable`` / ``parameters_frozen``: storages of the model's parameters that do / do
+  not require grad. Tied weights share one storage and are counted once; a storage shared by a
+  trainable and a frozen parameter counts as trainable.
+- ``buffers``: storages of the model's buffers that are not also parameter storages.
+- ``gradients``: storages of ``p.grad`` over all parameters, the most at any sample (sampled at the
+  end of every backward, before every ``optimizer.step()`` and at the end of the window).
+- ``optimizer``: storages of the tensors in ``optimizer.state`` (moments and the per-parameter
+  ``step`` tensors), the most at any sample (after every ``optimizer.step()``, end of window).
+- ``activations``: bytes saved for backward by autograd, at their peak. A storage enters when the
+  first saved tensor that views it is packed and leaves when the last such saved tensor is released
+  by its graph (normally during its backward, so gradient accumulation does not add up). Parameter
+  and buffer storages saved by matmuls are weights, not activations, and are left out.
+- ``peak``: the most bytes of live tensors at once: everything above plus every temporary, observed
+  after each operator returns.
+- ``cuda_max_allocated``: ``torch.cuda.max_memory_allocated`` over the windows, when the model has
+  parameters on CUDA; it also includes the caching allocator's rounding and cuBLAS/kernel workspaces.
+
+Why our own tracker: on CPU there are no allocator statistics, and process RSS is noisy and depends on
+the allocator. A ``TorchDispatchMode`` sees the output of every operator below autograd and autocast,
+so counting each new storage when it appears and uncounting it in a weakref callback when it is freed
+gives byte counts that are exact, repeatable, and the same on every device.
+
+What it cannot see: scratch memory inside a single kernel (it is freed before the operator returns),
+memory that is not a tensor (CUDA context, library workspaces), and storages that never reach
+Python (created and freed inside one C++ call). Tensors alive before ``measure()`` that it was not
+told about are counted from their first use as an operator input. Inside a non-reentrant gradient
+checkpoint region the checkpoint's own saved-tensor hooks replace ours, so its recomputed tensors
+count towards ``peak`` but not ``activations``. Under ``torch.compile`` only the compiled graph's
+outputs are seen, not its intermediates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from collections.abc import Iterator, Mapping, Set
+from dataclasses import dataclass, fields
+from functools import partial
+from typing import Any, Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+
+__all__ = ["MemoryReport", "MemoryTracker", "measure_step"]
+
+_CATEGORIES = ("parameters_trainable", "parameters_frozen", "buffers", "gradients", "optimizer",
+               "activations", "peak")
+
+
+@dataclass
+class MemoryReport:
+    parameters_trainable: int
+    parameters_frozen: int
+    buffers: int
+    gradients: int
+    optimizer: int
+    activations: int
+    peak: int
+    cuda_max_allocated: int | None = None
+
+    @property
+    def parameters(self) -> int:
+        return self.parameters_trainable + self.parameters_frozen
+
+    def to_dict(self) -> dict:
+        out: dict[str, int | None] = {"parameters": self.parameters}
+        out.update({f.name: getattr(self, f.name) for f in fields(self)})
+        return out
+
+
+def _iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """Tensors inside nested lists, tuples and mappings (a batch dict, an op's arguments)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            if isinstance(item, torch.Tensor):  # the common case, without a nested generator
+                yield item
+            elif isinstance(item, (list, tuple, Mapping)):
+                yield from _iter_tensors(item)
+    elif isinstance(obj, Mapping):
+        for item in obj.values():
+            yield from _iter_tensors(item)
+
+
+def _storages(t: torch.Tensor) -> list[torch.UntypedStorage]:
+    """The storages that hold ``t``'s data; wrapper subclasses are unwrapped to their inner tensors."""
+    if is_traceable_wrapper_subclass(t):
+        inner, _ = t.__tensor_flatten__()
+        return [st for name in inner for st in _storages(getattr(t, name))]
+    try:
+        st = t.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # sparse, nested or functorch-batched: no plain storage
+        return []
+    return [] if st.device.type == "meta" else [st]
+
+
+class _Saved:
+    """What the graph keeps instead of a saved tensor, so we learn when the graph lets go of it.
+
+    It holds a detached alias: holding the tensor itself would make a reference cycle through its
+    grad_fn (see ``torch.autograd.graph.saved_tensors_hooks``).
+    """
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+
+def _unpack(saved: _Saved) -> torch.Tensor:
+    # Module-level, so a graph that outlives the window does not keep the tracker alive.
+    return saved.tensor
+
+
+class _OpWatcher(TorchDispatchMode):
+    """Registers every storage an operator reads or writes, then samples the live total."""
+
+    def __init__(self, tracker: MemoryTracker) -> None:
+        super().__init__()
+        self._tracker = tracker
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tracker = self._tracker
+        tracker._track_tensors(args)  # inputs alive before the window are found here
+        if kwargs:
+            tracker._track_tensors(kwargs)
+        out = func(*args, **kwargs)
+        tracker._track_tensors(out)
+        tracker._note_peak()
+        return out
+
+
+class MemoryTracker:
+    """Measures memory by category over one or more ``measure()`` windows (maxima over all of them)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self._lock = threading.RLock()  # weakref callbacks may run on autograd's device threads
+        self._max = dict.fromkeys(_CATEGORIES, 0)
+        self._cuda_max: int | None = None
+        self._active = False
+        self._optimizer_hooks: list[Any] = []
+        self._reset_window()
+
+    # -- public API ------------------------------------------------------------------------------
+    def set_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        self._unhook_optimizer()
+        self.optimizer = optimizer
+        if self._active:
+            self._hook_optimizer()
+
+    @contextlib.contextmanager
+    def measure(self, *extra_tensors: Any) -> Iterator[MemoryTracker]:
+        """Measure everything run inside; ``extra_tensors`` (tensors or nested containers of them,
+        such as the input batch) are counted as live from the start."""
+        if self._active:
+            raise RuntimeError("MemoryTracker.measure() is already active; windows cannot nest")
+        self._reset_window()
+        cuda_devices = sorted({p.device for p in self.model.parameters() if p.is_cuda}, key=str)
+        for dev in cuda_devices:
+            torch.cuda.reset_peak_memory_stats(dev)
+        with contextlib.ExitStack() as stack:
+            self._active = True
+            stack.callback(self._close_window, cuda_devices)
+            self._register_model()
+            self._track_tensors(extra_tensors)
+            self._sample_gradients()
+            self._sample_optimizer()
+            self._note_peak()
+            self._hook_optimizer()
+            for p in self._params:
+                if p.requires_grad:
+                    self._grad_hooks.append(p.register_post_accumulate_grad_hook(self._after_accumulate))
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack))
+            stack.enter_context(_OpWatcher(self))
+            yield self
+
+    def report(self) -> MemoryReport:
+        """Each category's most bytes over all windows so far (zeros before the first window)."""
+        with self._lock:
+            return MemoryReport(**self._max, cuda_max_allocated=self._cuda_max)
+
+    def live_bytes(self) -> int:
+        """Bytes of the tensors alive right now; 0 outside a window."""
+        return self._live if self._active else 0
+
+    # -- window bookkeeping ----------------------------------------------------------------------
+    def _reset_window(self) -> None:
+        self._sizes: dict[int, int] = {}             # id(storage) -> bytes counted for it
+        self._refs: dict[int, weakref.ref] = {}      # id(storage) -> weakref whose callback uncounts it
+        self._live = 0
+        self._weights: set[int] = set()              # parameter and buffer storages
+        self._saved: dict[int, list[int]] = {}       # id(storage) -> [saved tensors viewing it, bytes]
+        self._saved_refs: dict[int, weakref.ref] = {}
+        self._saved_live = 0
+        self._params: list[torch.nn.Parameter] = []
+        self._grad_hooks: list[Any] = []
+        self._backward_callback_queued = False
+
+    def _close_window(self, cuda_devices: list[torch.device]) -> None:
+        for handle in self._grad_hooks:
+            handle.remove()
+        self._unhook_optimizer()
+        self._sample_gradients()
+        self._sample_optimizer()
+        if cuda_devices:
+            used = sum(torch.cuda.max_memory_allocated(dev) for dev in cuda_devices)
+            self._cuda_max = max(self._cuda_max or 0, used)
+        self._active = False
+        with self._lock:
+            self._reset_window()  # dropping the weakrefs also drops their callbacks
+
+    def _hook_optimizer(self) -> None:
+        if self.optimizer is not None:
+            self._optimizer_hooks = [
+                self.optimizer.register_step_pre_hook(lambda *_: self._sample_gradients()),
+                self.optimizer.register_step_post_hook(lambda *_: self._sample_optimizer()),
+            ]
+
+    def _unhook_optimizer(self) -> None:
+        for handle in self._optimizer_hooks:
+            handle.remove()
+        self._optimizer_hooks = []
+
+    def _bump(self, category: str, value: int) -> None:
+        with self._lock:
+            if value > self._max[category]:
+                self._max[category] = value
+
+    # -- live storages ---------------------------------------------------------------------------
+    def _track(self, st: torch.UntypedStorage) -> int:
+        """Count ``st`` if it is new (or its size changed by a resize); returns its key.
+
+        The key is the identity of the storage's Python object, which torch keeps for as long as the
+        storage lives; the weakref callback removes the key while the object is being freed, so an
+        address or id reused later is always seen as a new storage.
+        """
+        key = id(st)
+        nbytes = st.nbytes()
+        with self._lock:
+            old = self._sizes.get(key)
+            if old is None:
+                self._refs[key] = weakref.ref(st, partial(self._release, key))
+                self._sizes[key] = nbytes
+                self._live += nbytes
+            elif old != nbytes:
+                self._sizes[key] = nbytes
+                self._live += nbytes - old
+        return key
+
+    def _release(self, key: int, _ref: weakref.ref) -> None:
+        with self._lock:
+            self._refs.pop(key, None)
+            self._live -= self._sizes.pop(key, 0)
+
+    def _track_tensors(self, obj: Any) -> None:
+        for t in _iter_tensors(obj):
+            for st in _storages(t):
+                self._track(st)
+
+    def _note_peak(self) -> None:
+        self._bump("peak", self._live)
+
+    def _unique_bytes(self, tensors: Any, exclude: Set[int] = frozenset()) -> tuple[int, set[int]]:
+        """Bytes of the distinct storages behind ``tensors`` (registering them as live)."""
+        keys: set[int] = set()
+        total = 0
+        for t in _iter_tensors(tensors):
+            for st in _storages(t):
+                key = self._track(st)
+                if key not in keys and key not in exclude:
+                    keys.add(key)
+                    total += st.nbytes()
+        return total, keys
+
+    def _register_model(self) -> None:
+        self._params = list(self.model.parameters())
+        trainable, t_keys = self._unique_bytes([p for p in self._params if p.requires_grad])
+        frozen, f_keys = self._unique_bytes([p for p in self._params if not p.requires_grad], t_keys)
+        buffers, b_keys = self._unique_bytes(list(self.model.buffers()), t_keys | f_keys)
+        self._weights = t_keys | f_keys | b_keys
+        self._bump("parameters_trainable", trainable)
+        self._bump("parameters_frozen", frozen)
+        self._bump("buffers", buffers)
+
+    # -- gradients and optimizer state -----------------------------------------------------------
+    def _sample_gradients(self) -> None:
+        self._bump("gradients", self._unique_bytes([p.grad for p in self._params if p.grad is not None])[0])
+
+    def _sample_optimizer(self) -> None:
+        if self.optimizer is not None:
+            self._bump("optimizer", self._unique_bytes(list(self.optimizer.state.values()))[0])
+
+    def _after_accumulate(self, _param: torch.Tensor) -> None:
+        # Sample once per backward, after every .grad of this backward has been accumulated.
+        if not self._backward_callback_queued:
+            self._backward_callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+
+    def _end_of_backward(self) -> None:
+        self._backward_callback_queued = False
+        self._sample_gradients()
+
+    # -- activations -----------------------------------------------------------------------------
+    def _pack(self, tensor: torch.Tensor) -> _Saved:
+        saved = _Saved(tensor.detach())
+        keys = []
+        for st in _storages(tensor):
+            key = self._track(st)
+            if key in self._weights:
+                continue
+            keys.append(key)
+            with self._lock:
+                entry = self._saved.get(key)
+                if entry is None:
+                    self._saved[key] = [1, st.nbytes()]
+                    self._saved_live += st.nbytes()
+                else:
+                    entry[0] += 1
+        if keys:
+            ref = weakref.ref(saved, partial(self._unsave, keys))
+            self._saved_refs[id(ref)] = ref
+            self._bump("activations", self._saved_live)
+        return saved
+
+    def _unsave(self, keys: list[int], ref: weakref.ref) -> None:
+        with self._lock:
+            self._saved_refs.pop(id(ref), None)
+            for key in keys:
+                entry = self._saved.get(key)
+                if entry is None:
+                    continue
+                entry[0] -= 1
+                if entry[0] == 0:
+                    del self._saved[key]
+                    self._saved_live -= entry[1]
+
+
+def measure_step(model: torch.nn.Module, fn: Callable[[], Any],
+                 optimizer: torch.optim.Optimizer | None = None) -> MemoryReport:
+    """Run ``fn()`` once under a fresh tracker and return what it measured."""
+    tracker = MemoryTracker(model, optimizer)
+    with tracker.measure():
+        fn()
+    return tracker.report()

@@ -1,0 +1,41 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+DEMO_DATA = ROOT / "src" / "memtune" / "demo_data"
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def alpaca_file(tmp_path):
+    rows = [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w}"}
+            for w in ["apple", "river", "stone", "cloud", "ember", "flute", "grape", "harp"]]
+    return write_jsonl(tmp_path / "alpaca.jsonl", rows)
+
+
+@pytest.fixture
+def cls_file(tmp_path):
+    lines = ["text\tlabel"] + [f"good movie number {i}\tpositive" if i % 2 else f"bad film {i}\tnegative"
+                               for i in range(16)]
+    p = tmp_path / "cls.tsv"
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+def base_overrides(out: Path, **extra) -> list[str]:
+    o = {"train.progress": "false", "output_dir": str(out), "train.measure_memory_steps": 2}
+    o.update(extra)
+    return [f"{k}={v}" for k, v in o.items()]
