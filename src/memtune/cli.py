@@ -55,7 +55,7 @@ def cmd_merge(ns) -> int:
 def cmd_demo(ns) -> int:
     from .demo import run_demo
 
-    run_demo(data=ns.data, out_dir=ns.out, epochs=ns.epochs, max_examples=ns.max_examples)
+    run_demo(data=ns.data, eval_file=ns.eval, out_dir=ns.out, epochs=ns.epochs, max_examples=ns.max_examples)
     return 0
 
 
@@ -80,9 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="full fine-tuning vs LoRA on pretrained MiniLM, side by side")
     d.add_argument("--data", help="labeled TSV/CSV/JSONL (e.g. SST-2 train.tsv); default: the bundled set")
+    d.add_argument("--eval", help="labeled test file (default: bundled test set, or 20%% held out of --data)")
     d.add_argument("--out", default="runs/demo", help="where runs, demo.json and demo.png go")
-    d.add_argument("--epochs", type=float, default=None, help="training epochs (default: 3 bundled, 1 --data)")
-    d.add_argument("--max-examples", type=int, default=None, help="use at most this many training examples")
+    d.add_argument("--epochs", type=float, default=None, help="training epochs (default: 4 bundled, 1 with --data)")
+    d.add_argument("--max-examples", type=int, default=None, help="use at most this many training examples (default with --data: 2000)")
     d.set_defaults(fn=cmd_demo)
     return p
 

@@ -15,6 +15,7 @@ global RNG), so the same preset gives the same weights in every process; that is
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -156,6 +157,18 @@ def build_preset(name: str, task: str, labels: list[str] | None = None) -> Loade
     return Loaded(model, tok, name)
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def load_model(name: str, task: str, labels: list[str] | None = None,
                dtype: torch.dtype | None = None) -> Loaded:
     """Load `name` (preset, local directory, or hub id) for `task`."""
@@ -172,7 +185,8 @@ def load_model(name: str, task: str, labels: list[str] | None = None,
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
-        model = _auto_class(task).from_pretrained(path, **kwargs)
+        with _quiet_transformers():  # a new classification head is expected, not worth a load report
+            model = _auto_class(task).from_pretrained(path, **kwargs)
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         where = "local directory" if is_local else "hub id (offline or not found?)"

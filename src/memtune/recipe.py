@@ -98,6 +98,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     seed: int = 0
     eval_every: int = 0  # steps; 0 = only at the end
+    eval_at_start: bool = False  # also evaluate before the first step (summary: eval_start)
     save_every: int = 0  # steps; 0 = no intermediate checkpoints
     keep_checkpoints: int = 2
     log_every: int = 1

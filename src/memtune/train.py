@@ -149,6 +149,9 @@ class Trainer:
         bar = self._progress()
         metrics = open(self.out / "metrics.jsonl", "a")
         measured = 0
+        if t.eval_at_start and self.eval_data is not None and s.step == 0:
+            self.eval_start = self.run.evaluate(self.eval_data)
+            self._log_eval(metrics, self.eval_start)
         self.run.model.train()
         try:
             while s.step < self.total_steps:
@@ -257,16 +260,22 @@ class Trainer:
                       "tokens_definition": "non-padding input tokens per second of update-step time",
                       "seconds": s.seconds, "examples": len(self.train_data),
                       "dropped_examples": self.train_data.dropped, "format": self.train_data.format},
-            "eval": {k: v for k, v in (result or {}).items() if k in ("loss", "accuracy", "perplexity")},
+            "eval": _eval_fields(result),
             "adapter": {"kind": r.adapter.kind, "artifact": str(artifact.relative_to(self.out)),
                         **self.run.method.describe()},
             "device": _device_name(self.run.device),
         }
+        if getattr(self, "eval_start", None) is not None:
+            summary["eval_start"] = _eval_fields(self.eval_start)
         write_atomic_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         plot_loss(self.out / "metrics.jsonl", self.out / "loss.png", title=f"{r.model} · {r.adapter.kind}")
         if self.writer is not None:
             self.writer.close()
         return summary
+
+
+def _eval_fields(result: dict | None) -> dict:
+    return {k: v for k, v in (result or {}).items() if k in ("loss", "accuracy", "perplexity")}
 
 
 def _device_name(device: torch.device) -> str:
