@@ -6,6 +6,7 @@ from . import recipe as _recipe
 from .adapters import ADAPTERS
 from .errors import ConfigError
 from .gradient import OPTIMIZERS
+from .gradient.tokentune import TokenTuneConfig
 from .storage import STORAGE
 
 _recipe.POLYMORPHIC.update({
@@ -13,9 +14,18 @@ _recipe.POLYMORPHIC.update({
     "adapter": (ADAPTERS, _recipe.AdapterConfig),
     "optimizer": (OPTIMIZERS, _recipe.OptimizerConfig),
 })
+_recipe.OPTIONAL.update({"tokentune": TokenTuneConfig})
 
 
 def check_combination(r: "_recipe.Recipe") -> None:
     """Reject combinations of axis values that cannot work, saying why."""
     if r.train.precision == "bf16" and getattr(r.quantize, "dtype", "auto") == "fp16":
         raise ConfigError("train.precision=bf16 with quantize.dtype=fp16: pick one half-precision type")
+    if r.tokentune is not None:
+        if not OPTIMIZERS.get(r.optimizer.kind).uses_backprop:
+            raise ConfigError(f"tokentune with optimizer.kind={r.optimizer.kind}: TokenTune selects which tokens "
+                              f"backpropagate, and this optimizer does not backpropagate at all")
+        if r.train.gradient_checkpointing:
+            raise ConfigError("tokentune with train.gradient_checkpointing: TokenTune already keeps activations "
+                              "only for the selected tokens; checkpointing would recompute its two-stream forward "
+                              "outside the selection. Use one of them")

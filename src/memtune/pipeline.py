@@ -35,6 +35,12 @@ class Run:
     method: AdapterMethod
     storage: BaseStorage
     device: torch.device
+    tokentune: object | None = None  # memtune.gradient.tokentune.TokenTune when the recipe asks for it
+
+    @property
+    def train_task(self) -> Task:
+        """The task as the update rule sees it (TokenTune's two-stream forward when enabled)."""
+        return self.tokentune.wrap(self.task) if self.tokentune is not None else self.task
 
     def forward_ctx(self) -> Callable[[], ContextManager]:
         if self.recipe.train.precision == "bf16":
@@ -94,7 +100,7 @@ def resolve_labels(recipe: Recipe, train_records: list[Record] | None) -> None:
 
 
 def build_run(recipe: Recipe, train_records: list[Record] | None = None,
-              adapter_path: str | Path | None = None) -> Run:
+              adapter_path: str | Path | None = None, for_training: bool = False) -> Run:
     """Model + storage + trainable part on the target device. `adapter_path` (or recipe.adapter.path)
     loads a saved artifact onto the attached method."""
     resolve_labels(recipe, train_records)
@@ -126,7 +132,12 @@ def build_run(recipe: Recipe, train_records: list[Record] | None = None,
         model.config.use_cache = False
     device = pick_device(recipe.train.device)
     model.to(device)
-    return Run(recipe, model, loaded.tokenizer, TASKS[recipe.task](), method, storage, device)
+    run = Run(recipe, model, loaded.tokenizer, TASKS[recipe.task](), method, storage, device)
+    if for_training and recipe.tokentune is not None:
+        from .gradient.tokentune import TokenTune
+
+        run.tokentune = TokenTune(recipe.tokentune, model, loaded.tokenizer.pad_token_id, recipe.task)
+    return run
 
 
 def read_train_records(recipe: Recipe) -> list[Record]:

@@ -119,6 +119,7 @@ class Recipe:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tokentune: Any = None  # gradient-axis option: backprop through k selected tokens (see OPTIONAL)
     output_dir: str = "runs/latest"
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,6 +128,8 @@ class Recipe:
 
 # Sections whose dataclass is chosen by `kind` through a registry (filled in by memtune.methods).
 POLYMORPHIC: dict[str, Any] = {}
+# Optional sections (absent or null = off) and their dataclass (filled in by memtune.methods).
+OPTIONAL: dict[str, type] = {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,6 +249,10 @@ def parse_section(cls: type, raw: Any, prefix: str) -> Any:
         name = f"{prefix}.{key}" if prefix else key
         if prefix == "" and key in POLYMORPHIC:
             kwargs[key] = _parse_polymorphic(key, value)
+        elif prefix == "" and key in OPTIONAL:
+            kwargs[key] = None if value is None else parse_section(OPTIONAL[key], value, key)
+            if kwargs[key] is not None:
+                kwargs[key].check(key)
         else:
             kwargs[key] = _coerce(value, hints[key], name)
     obj = cls(**kwargs)

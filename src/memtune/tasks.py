@@ -18,7 +18,7 @@ from torch import nn
 
 from .data import IGNORE
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
 def model_inputs(batch: dict) -> dict:
@@ -67,10 +67,12 @@ class CausalLMTask(Task):
 
     def loss_sum(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         logits = model(**model_inputs(batch)).logits  # (B, T, V)
-        # position t predicts token t+1
-        shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])  # (B*(T-1), V)
-        shift_labels = batch["labels"][:, 1:].reshape(-1)  # (B*(T-1),)
-        return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE, reduction="sum"), {}
+        # position t predicts token t+1; only positions with a target enter the loss, so the
+        # log-softmax saved for backward is (N_targets, V), not (B*T, V)
+        labels = batch["labels"][:, 1:]  # (B, T-1)
+        keep = labels != IGNORE
+        picked = logits[:, :-1][keep].float()  # (N, V)
+        return F.cross_entropy(picked, labels[keep], reduction="sum"), {}
 
     def finish_eval(self, total: float, count: int, stats: dict) -> dict:
         out = super().finish_eval(total, count, stats)

@@ -84,7 +84,7 @@ class Trainer:
         ckpt = self._prepare_output()
         records = read_train_records(r)
         torch.manual_seed(r.train.seed)
-        self.run = build_run(r, records)
+        self.run = build_run(r, records, for_training=True)
         self.train_data = self.run.load_data(r.data.train, r.data.split, records)
         self.eval_data = self.run.load_data(r.data.eval, r.data.eval_split) if r.data.eval else None
         t = r.train
@@ -94,7 +94,7 @@ class Trainer:
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
         if not any(p.requires_grad for p in self.run.model.parameters()) and r.optimizer.kind == "adamw":
             raise ConfigError("adapter: the recipe leaves no trainable parameter")
-        self.rule = OPTIMIZERS.get(r.optimizer.kind)(r.optimizer, self.run.model, self.run.task, t,
+        self.rule = OPTIMIZERS.get(r.optimizer.kind)(r.optimizer, self.run.model, self.run.train_task, t,
                                                      self.total_steps, self.run.forward_ctx())
         self.state = LoopState()
         if ckpt is not None:
@@ -243,6 +243,8 @@ class Trainer:
         if result is not None:
             with open(self.out / "metrics.jsonl", "a") as f:
                 self._log_eval(f, result)
+        if self.run.tokentune is not None:
+            self.run.tokentune.remove()  # artifacts are plain models: no hooks, the usual attention
         artifact = self.run.method.save(self.run.model, self.out, r.model)
         self.run.tokenizer.save_pretrained(self.out / "tokenizer")
         mem = self.tracker.report()
@@ -263,6 +265,8 @@ class Trainer:
             "eval": _eval_fields(result),
             "adapter": {"kind": r.adapter.kind, "artifact": str(artifact.relative_to(self.out)),
                         **self.run.method.describe()},
+            "gradient": {"rule": r.optimizer.kind,
+                         "tokentune": self.run.tokentune.describe() if self.run.tokentune is not None else None},
             "device": _device_name(self.run.device),
         }
         if getattr(self, "eval_start", None) is not None:

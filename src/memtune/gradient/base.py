@@ -29,6 +29,8 @@ class StepStats:
 
 
 class UpdateRule(ABC):
+    uses_backprop = True  # False for forward-only (zeroth-order) rules
+
     def __init__(self, config: OptimizerConfig, model: nn.Module, task: Task, train: TrainConfig,
                  total_steps: int, forward_ctx: Callable[[], ContextManager]) -> None:
         self.config = config

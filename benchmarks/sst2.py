@@ -1,0 +1,75 @@
+"""SST-2 (GLUE) with the pretrained MiniLM-L6: full fine-tuning vs LoRA, same data and budget.
+
+    python benchmarks/sst2.py [--sst2 ../shared/data/sst2] [--train-examples 4000] [--epochs 1]
+
+Trains each method on the same random 4,000 training sentences (seed 0) for one epoch at
+max_length 64, batch 16, then reports dev accuracy (872 sentences), wall time and measured memory.
+Writes benchmarks/results/sst2.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import mib, save, table  # noqa: E402
+
+from memtune.data import read_records  # noqa: E402
+from memtune.recipe import build_recipe  # noqa: E402
+from memtune.train import train  # noqa: E402
+
+METHODS = {
+    "full": ["adapter.kind=full", "optimizer.lr=5e-5", "optimizer.weight_decay=0.01"],
+    "lora": ["adapter.kind=lora", "adapter.r=8", "adapter.alpha=16", "adapter.targets=all-linear",
+             "optimizer.lr=1e-3"],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sst2", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"))
+    ap.add_argument("--train-examples", type=int, default=4000)
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--out", default="runs/bench-sst2")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    args = ap.parse_args()
+    sst2, out = Path(args.sst2), Path(args.out)
+    records = read_records(str(sst2 / "train.tsv"))
+    random.Random(0).shuffle(records)
+    out.mkdir(parents=True, exist_ok=True)
+    subset = out / "train_subset.tsv"
+    subset.write_text("sentence\tlabel\n" + "".join(
+        f"{r.fields['sentence'].strip()}\t{r.fields['label']}\n" for r in records[:args.train_examples]))
+    shared = ["model=minilm", "task=classification", f"data.train={subset}", f"data.eval={sst2 / 'dev.tsv'}",
+              "data.labels=[0,1]", "data.max_length=64", f"train.epochs={args.epochs}", "train.batch_size=16",
+              "train.schedule=linear", "train.warmup_steps=25", "train.seed=0", "train.progress=false",
+              "train.eval_at_start=true"]
+    rows = []
+    for name in args.methods.split(","):
+        t0 = time.perf_counter()
+        s = train(build_recipe({}, shared + METHODS[name] + [f"output_dir={out / name}"]))
+        wall = time.perf_counter() - t0
+        rows.append({"method": name, "dev_accuracy": s["eval"]["accuracy"], "dev_accuracy_start":
+                     s["eval_start"]["accuracy"], "dev_loss": s["eval"]["loss"], "steps": s["train"]["steps"],
+                     "train_seconds": s["train"]["seconds"], "wall_seconds": wall,
+                     "seconds_per_step": s["train"]["seconds"] / s["train"]["steps"],
+                     "params_trainable": s["params"]["trainable"], "memory_bytes": s["memory_bytes"],
+                     "recipe": METHODS[name]})
+        print(f"{name}: dev accuracy {s['eval']['accuracy']:.4f} in {wall:.0f}s", flush=True)
+    print(table(["method", "trainable", "dev acc (start)", "dev acc", "steps", "s/step", "wall s", "grads MiB",
+                 "optim MiB", "activ MiB", "peak MiB"],
+                [[r["method"], f"{r['params_trainable']:,}", f"{r['dev_accuracy_start']:.3f}",
+                  f"{r['dev_accuracy']:.4f}", r["steps"], f"{r['seconds_per_step']:.3f}", f"{r['wall_seconds']:.0f}",
+                  mib(r["memory_bytes"]["gradients"]), mib(r["memory_bytes"]["optimizer"]),
+                  mib(r["memory_bytes"]["activations"]), mib(r["memory_bytes"]["peak"])] for r in rows]))
+    path = save("sst2", {"train_examples": args.train_examples, "epochs": args.epochs, "max_length": 64,
+                         "batch_size": 16, "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
