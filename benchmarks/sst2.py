@@ -1,4 +1,4 @@
-"""SST-2 (GLUE) with the pretrained MiniLM-L6: full fine-tuning vs LoRA, same data and budget.
+"""SST-2 (GLUE) with the pretrained MiniLM-L6: full fine-tuning, LoRA, and both with TokenTune (k=16).
 
     python benchmarks/sst2.py [--sst2 ../shared/data/sst2] [--train-examples 4000] [--epochs 1]
 
@@ -22,10 +22,13 @@ from memtune.data import read_records  # noqa: E402
 from memtune.recipe import build_recipe  # noqa: E402
 from memtune.train import train  # noqa: E402
 
+FULL = ["adapter.kind=full", "optimizer.lr=1e-4", "optimizer.weight_decay=0.01"]
+LORA = ["adapter.kind=lora", "adapter.r=8", "adapter.alpha=16", "adapter.targets=all-linear", "optimizer.lr=1e-3"]
 METHODS = {
-    "full": ["adapter.kind=full", "optimizer.lr=5e-5", "optimizer.weight_decay=0.01"],
-    "lora": ["adapter.kind=lora", "adapter.r=8", "adapter.alpha=16", "adapter.targets=all-linear",
-             "optimizer.lr=1e-3"],
+    "full": FULL,
+    "lora": LORA,
+    "full+tokentune(k=16)": FULL + ["tokentune.select=16"],
+    "lora+tokentune(k=16)": LORA + ["tokentune.select=16"],
 }
 
 
@@ -35,7 +38,7 @@ def main() -> None:
     ap.add_argument("--train-examples", type=int, default=4000)
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--out", default="runs/bench-sst2")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=";".join(METHODS), help="';'-separated method names")
     args = ap.parse_args()
     sst2, out = Path(args.sst2), Path(args.out)
     records = read_records(str(sst2 / "train.tsv"))
@@ -49,11 +52,12 @@ def main() -> None:
               "train.schedule=linear", "train.warmup_steps=25", "train.seed=0", "train.progress=false",
               "train.eval_at_start=true"]
     rows = []
-    for name in args.methods.split(","):
+    for name in args.methods.split(";"):
         t0 = time.perf_counter()
-        s = train(build_recipe({}, shared + METHODS[name] + [f"output_dir={out / name}"]))
+        run_dir = out / name.replace("(", "-").replace(")", "").replace("=", "").replace("+", "-")
+        s = train(build_recipe({}, shared + METHODS[name] + [f"output_dir={run_dir}"]))
         wall = time.perf_counter() - t0
-        rows.append({"method": name, "dev_accuracy": s["eval"]["accuracy"], "dev_accuracy_start":
+        rows.append({"method": name, "tokens_per_second": s["train"]["tokens_per_second"], "dev_accuracy": s["eval"]["accuracy"], "dev_accuracy_start":
                      s["eval_start"]["accuracy"], "dev_loss": s["eval"]["loss"], "steps": s["train"]["steps"],
                      "train_seconds": s["train"]["seconds"], "wall_seconds": wall,
                      "seconds_per_step": s["train"]["seconds"] / s["train"]["steps"],

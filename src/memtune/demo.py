@@ -1,4 +1,4 @@
-"""`memtune demo`: full fine-tuning vs LoRA on the pretrained MiniLM-L6, side by side.
+"""`memtune demo`: full fine-tuning vs LoRA vs TokenTune on the pretrained MiniLM-L6, side by side.
 
 Both runs use the same data, batch, seed and number of steps; the table shows what each trains,
 the memory measured by category during training, and accuracy before and after. With no
@@ -27,6 +27,8 @@ METHODS: dict[str, list[str]] = {
     "full": ["adapter.kind=full", "optimizer.lr=1e-4", "optimizer.weight_decay=0.01"],
     "lora": ["adapter.kind=lora", "adapter.r=8", "adapter.alpha=16", "adapter.targets=all-linear",
              "optimizer.lr=1e-3"],
+    "full+tokentune": ["adapter.kind=full", "optimizer.lr=1e-4", "optimizer.weight_decay=0.01",
+                       "tokentune.select=8"],
 }
 CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "peak")
 

@@ -1,0 +1,127 @@
+"""TokenTune: measured activation bytes vs selected fraction, full fine-tuning and LoRA.
+
+    python benchmarks/tokentune_memory.py
+
+For each model (tiny-llama at sequence 512, pretrained MiniLM at 128) and each trainable set
+(full, LoRA r=8 all-linear), one AdamW step is measured by memtune's tracker with every token
+backpropagated, and with TokenTune selecting 100%, 50%, 25%, 10% and k=16 tokens per example.
+Same model weights, same batch. Writes benchmarks/results/tokentune_memory.json and
+tokentune_memory.png.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, mib, save, table  # noqa: E402
+
+from memtune.adapters import ADAPTERS  # noqa: E402
+from memtune.adapters.lora import LoraConfig  # noqa: E402
+from memtune.gradient.backprop import accumulate_gradients  # noqa: E402
+from memtune.gradient.tokentune import TokenTune, TokenTuneConfig  # noqa: E402
+from memtune.memory.tracker import MemoryTracker  # noqa: E402
+from memtune.models import load_model  # noqa: E402
+from memtune.tasks import CausalLMTask, ClassificationTask  # noqa: E402
+
+SETTINGS = [("backprop", None), ("tokentune 100%", 1.0), ("tokentune 50%", 0.5), ("tokentune 25%", 0.25),
+            ("tokentune 10%", 0.10), ("tokentune k=16", 16)]
+MODELS = {"tiny-llama": ("causal-lm", 512, 4), "minilm": ("classification", 128, 16)}
+
+
+def batch_for(task: str, seq: int, bs: int, vocab: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, vocab, (bs, seq), generator=g)
+    b = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if task == "classification":
+        b["label"] = torch.randint(0, 2, (bs,), generator=g)
+    else:
+        b["labels"] = ids.clone()
+    return b
+
+
+def measure(base, task_name: str, adapter: str, select, batch: dict) -> dict:
+    model = copy.deepcopy(base).train()
+    if adapter == "lora":
+        ADAPTERS.get("lora")(LoraConfig(r=8, alpha=16, targets=["all-linear"]), task_name).attach(model)
+    task = ClassificationTask() if task_name == "classification" else CausalLMTask()
+    if select is not None:
+        tt = TokenTune(TokenTuneConfig(select=select), model, model.config.pad_token_id or 0, task_name)
+        task = tt.wrap(task)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    tracker = MemoryTracker(model, opt)
+    torch.manual_seed(0)
+    for _ in range(2):  # step 2 is the steady state (gradients and optimizer state exist)
+        with tracker.measure(*batch.values()):
+            accumulate_gradients(model, task, [dict(batch)], contextlib.nullcontext)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        accumulate_gradients(model, task, [dict(batch)], contextlib.nullcontext)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return {**tracker.report().to_dict(), "step_seconds": sorted(times)[1]}
+
+
+def main() -> None:
+    rows = []
+    for name, (task_name, seq, bs) in MODELS.items():
+        base = load_model(name, task_name, ["neg", "pos"] if task_name == "classification" else None).model
+        batch = batch_for(task_name, seq, bs, base.config.vocab_size)
+        for adapter in ("full", "lora"):
+            ref = None
+            for label, select in SETTINGS:
+                m = measure(base, task_name, adapter, select, batch)
+                ref = ref or m
+                rows.append({"model": name, "seq": seq, "batch": bs, "adapter": adapter, "setting": label,
+                             "select": select, **m, "activations_ratio": m["activations"] / ref["activations"],
+                             "peak_ratio": m["peak"] / ref["peak"], "step_ratio": m["step_seconds"] / ref["step_seconds"]})
+                print(f"{name} {adapter} {label}: activations {mib(m['activations'])} MiB "
+                      f"({rows[-1]['activations_ratio']:.3f}x), peak {rows[-1]['peak_ratio']:.3f}x", flush=True)
+    print()
+    print(table(["model", "seq x batch", "trains", "setting", "activ MiB", "activ ratio", "peak MiB", "peak ratio",
+                 "step s", "step ratio"],
+                [[r["model"], f"{r['seq']}x{r['batch']}", r["adapter"], r["setting"], mib(r["activations"]),
+                  f"{r['activations_ratio']:.3f}", mib(r["peak"]), f"{r['peak_ratio']:.3f}",
+                  f"{r['step_seconds']:.3f}", f"{r['step_ratio']:.2f}"] for r in rows]))
+    path = save("tokentune_memory", {"rows": rows})
+    plot(rows, RESULTS / "tokentune_memory.png")
+    print(f"wrote {path} and {RESULTS / 'tokentune_memory.png'}")
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    from memtune.plots import _pyplot
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100, sharey=True)
+    for ax, model in zip(axes, MODELS):
+        for adapter, style in (("full", "o-"), ("lora", "s--")):
+            pts = [(r["select"], r["activations_ratio"]) for r in rows
+                   if r["model"] == model and r["adapter"] == adapter and isinstance(r["select"], float)]
+            ax.plot([p * 100 for p, _ in pts], [v for _, v in pts], style, label=f"{adapter}: fraction selected")
+            k16 = [r["activations_ratio"] for r in rows if r["model"] == model and r["adapter"] == adapter
+                   and r["select"] == 16]
+            ax.scatter([16 / rows[0]["seq"] * 100 if model == "tiny-llama" else 16 / 128 * 100], k16, marker="*",
+                       s=120, label=f"{adapter}: k=16")
+        ax.axhline(0.35, color="gray", lw=0.8, ls=":")
+        ax.set_title(f"{model} (seq {MODELS[model][1]})")
+        ax.set_xlabel("tokens selected (%)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("activation bytes / full backprop")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
