@@ -40,3 +40,38 @@ def save(name: str, payload: dict) -> Path:
 
 def mib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:.2f}"
+
+
+LLAMA_SIZES = {  # random-init Llama shapes for benchmarks where per-op overheads must not dominate
+    "llama-small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
+                        num_key_value_heads=4),  # ~60M
+    "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8),  # ~1.1B (TinyLlama-1.1B's shape)
+}
+
+
+def llama_sized(name: str):
+    """A seeded random-init LlamaForCausalLM of one of LLAMA_SIZES (vocab 32000)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, **LLAMA_SIZES[name])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(cfg)
+
+
+def pick_device(spec: str) -> torch.device:
+    return torch.device("cuda" if spec == "auto" and torch.cuda.is_available() else ("cpu" if spec == "auto" else spec))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device, precision: str):
+    import contextlib
+
+    if precision == "bf16":
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext

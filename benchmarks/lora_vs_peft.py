@@ -1,6 +1,7 @@
 """Full fine-tuning vs memtune-LoRA vs PEFT-LoRA: same model, same batch, same loss code, one process.
 
-    python benchmarks/lora_vs_peft.py [--model llama-small|minilm|tiny-llama] [--rounds 15]
+    python benchmarks/lora_vs_peft.py [--model llama-small|llama-1b|minilm|tiny-llama] [--rounds 15]
+                                      [--device auto|cpu|cuda] [--precision fp32|bf16]
 
 Each method gets an identical copy of the model, the same AdamW settings and the same batch.
 Memory is measured by memtune's tracker for all three (the same instrument), over two optimizer
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import mib, save, table  # noqa: E402
+from common import LLAMA_SIZES, autocast, llama_sized, mib, pick_device, save, sync, table  # noqa: E402
 
 from memtune.adapters import ADAPTERS  # noqa: E402
 from memtune.adapters.lora import LoraConfig  # noqa: E402
@@ -32,20 +33,9 @@ from memtune.models import build_preset, load_model  # noqa: E402
 from memtune.tasks import CausalLMTask, ClassificationTask  # noqa: E402
 
 
-def llama_small():
-    """A Llama-shaped random-init model big enough that per-op overheads do not dominate (~60M)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=6,
-                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return LlamaForCausalLM(cfg)
-
-
 def make(model_name: str):
-    if model_name == "llama-small":
-        return llama_small(), CausalLMTask(), "CAUSAL_LM"
+    if model_name in LLAMA_SIZES:
+        return llama_sized(model_name), CausalLMTask(), "CAUSAL_LM"
     if model_name == "minilm":
         return load_model("minilm", "classification", ["neg", "pos"]).model, ClassificationTask(), "SEQ_CLS"
     return build_preset(model_name, "causal-lm").model, CausalLMTask(), "CAUSAL_LM"
@@ -62,7 +52,7 @@ def batch_for(task, vocab: int, batch: int, seq: int) -> dict:
     return b
 
 
-def prepare(kind: str, base, peft_task: str, r: int, targets):
+def prepare(kind: str, base, peft_task: str, r: int, targets, device):
     import peft
 
     model = copy.deepcopy(base)
@@ -76,13 +66,13 @@ def prepare(kind: str, base, peft_task: str, r: int, targets):
         model = peft.get_peft_model(model, peft.LoraConfig(task_type=peft_task, r=r, lora_alpha=2 * r,
                                                            target_modules="all-linear" if targets == ["all-linear"]
                                                            else targets))
-    model.train()
+    model.to(device).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     return model, opt
 
 
-def step(model, opt, task, batch) -> None:
-    accumulate_gradients(model, task, [batch], contextlib.nullcontext)
+def step(model, opt, task, batch, ctx=contextlib.nullcontext) -> None:
+    accumulate_gradients(model, task, [batch], ctx)
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -96,43 +86,51 @@ def main() -> None:
     ap.add_argument("--targets", default="all-linear")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     args = ap.parse_args()
+    device = pick_device(args.device)
+    ctx = autocast(device, args.precision)
     targets = args.targets.split(",")
     base, task, peft_task = make(args.model)
     vocab = base.config.vocab_size
-    batch = batch_for(task, vocab, args.batch, args.seq)
+    batch = {k: v.to(device) for k, v in batch_for(task, vocab, args.batch, args.seq).items()}
     kinds = ["memtune-lora", "peft-lora", "full"]
-    setups = {k: prepare(k, base, peft_task, args.r, targets) for k in kinds}
+    setups = {k: prepare(k, base, peft_task, args.r, targets, device) for k in kinds}
     memory = {}
     for k, (model, opt) in setups.items():
         tracker = MemoryTracker(model, opt)
         for _ in range(2):  # step 1 allocates optimizer state; step 2 is the steady state
             with tracker.measure(*batch.values()):
-                step(model, opt, task, batch)
+                step(model, opt, task, batch, ctx)
+                sync(device)
         memory[k] = tracker.report().to_dict()
     for _ in range(args.warmup):
         for k in kinds:
-            step(*setups[k], task, batch)
+            step(*setups[k], task, batch, ctx)
+    sync(device)
     times = {k: [] for k in kinds}
     for _ in range(args.rounds):
         for k in kinds:
             t0 = time.perf_counter()
-            step(*setups[k], task, batch)
+            step(*setups[k], task, batch, ctx)
+            sync(device)
             times[k].append(time.perf_counter() - t0)
     median = {k: statistics.median(v) for k, v in times.items()}
     trainable = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, (m, _) in setups.items()}
     rows = [{"method": k, "trainable": trainable[k], "step_seconds_median": median[k],
              "step_seconds": times[k], "memory_bytes": memory[k]} for k in kinds]
     ratio = median["memtune-lora"] / median["peft-lora"]
-    print(f"model {args.model}, batch {args.batch} x seq {args.seq}, LoRA r={args.r} on {args.targets}, "
-          f"median of {args.rounds} interleaved rounds\n")
+    print(f"model {args.model} on {device} ({args.precision}), batch {args.batch} x seq {args.seq}, "
+          f"LoRA r={args.r} on {args.targets}, median of {args.rounds} interleaved rounds\n")
     print(table(["method", "trainable", "step s (median)", "params MiB", "grads MiB", "optim MiB", "activ MiB",
                  "peak MiB"],
                 [[r["method"], f"{r['trainable']:,}", f"{r['step_seconds_median']:.4f}",
                   *(mib(r["memory_bytes"][c]) for c in ("parameters", "gradients", "optimizer", "activations",
                                                          "peak"))] for r in rows]))
     print(f"\nstep time memtune/PEFT = {ratio:.3f}")
-    path = save(f"lora_vs_peft-{args.model}", {"args": vars(args), "rows": rows, "ratio_memtune_over_peft": ratio})
+    suffix = "-cuda" if device.type == "cuda" else ""
+    path = save(f"lora_vs_peft-{args.model}{suffix}", {"args": vars(args), "rows": rows, "ratio_memtune_over_peft": ratio})
     print(f"wrote {path}")
 
 

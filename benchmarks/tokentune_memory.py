@@ -11,7 +11,7 @@ tokentune_memory.png.
 
 from __future__ import annotations
 
-import contextlib
+import argparse
 import copy
 import sys
 import time
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, mib, save, table  # noqa: E402
+from common import RESULTS, autocast, llama_sized, mib, pick_device, save, sync, table  # noqa: E402
 
 from memtune.adapters import ADAPTERS  # noqa: E402
 from memtune.adapters.lora import LoraConfig  # noqa: E402
@@ -30,9 +30,12 @@ from memtune.memory.tracker import MemoryTracker  # noqa: E402
 from memtune.models import load_model  # noqa: E402
 from memtune.tasks import CausalLMTask, ClassificationTask  # noqa: E402
 
-SETTINGS = [("backprop", None), ("tokentune 100%", 1.0), ("tokentune 50%", 0.5), ("tokentune 25%", 0.25),
-            ("tokentune 10%", 0.10), ("tokentune k=16", 16)]
-MODELS = {"tiny-llama": ("causal-lm", 512, 4), "minilm": ("classification", 128, 16)}
+# (label, select, recompute_attention); select None = plain backprop
+SETTINGS = [("backprop", None, True), ("tokentune 100%", 1.0, True), ("tokentune 50%", 0.5, True),
+            ("tokentune 25%", 0.25, True), ("tokentune 10%", 0.10, True), ("tokentune k=16", 16, True),
+            ("tokentune 25%, no recompute", 0.25, False)]
+MODELS = {"tiny-llama": ("causal-lm", 512, 4), "minilm": ("classification", 128, 16),
+          "llama-1b": ("causal-lm", 1024, 4)}
 
 
 def batch_for(task: str, seq: int, bs: int, vocab: int) -> dict:
@@ -46,78 +49,105 @@ def batch_for(task: str, seq: int, bs: int, vocab: int) -> dict:
     return b
 
 
-def measure(base, task_name: str, adapter: str, select, batch: dict) -> dict:
-    model = copy.deepcopy(base).train()
+def measure(base, task_name: str, adapter: str, select, recompute: bool, batch: dict, device, ctx) -> dict:
+    model = copy.deepcopy(base).to(device).train()
     if adapter == "lora":
         ADAPTERS.get("lora")(LoraConfig(r=8, alpha=16, targets=["all-linear"]), task_name).attach(model)
+        model.to(device)
     task = ClassificationTask() if task_name == "classification" else CausalLMTask()
     if select is not None:
-        tt = TokenTune(TokenTuneConfig(select=select), model, model.config.pad_token_id or 0, task_name)
+        tt = TokenTune(TokenTuneConfig(select=select, recompute_attention=recompute), model,
+                       model.config.pad_token_id or 0, task_name)
         task = tt.wrap(task)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     tracker = MemoryTracker(model, opt)
+
+    def step():
+        accumulate_gradients(model, task, [dict(batch)], ctx)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+
     torch.manual_seed(0)
     for _ in range(2):  # step 2 is the steady state (gradients and optimizer state exist)
         with tracker.measure(*batch.values()):
-            accumulate_gradients(model, task, [dict(batch)], contextlib.nullcontext)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            step()
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
-        accumulate_gradients(model, task, [dict(batch)], contextlib.nullcontext)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        step()
         times.append(time.perf_counter() - t0)
-    return {**tracker.report().to_dict(), "step_seconds": sorted(times)[1]}
+    report = {**tracker.report().to_dict(), "step_seconds": sorted(times)[1]}
+    del model, opt, tracker
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return report
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="tiny-llama,minilm")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    args = ap.parse_args()
+    device = pick_device(args.device)
+    ctx = autocast(device, args.precision)
+    models = args.models.split(",")
     rows = []
-    for name, (task_name, seq, bs) in MODELS.items():
-        base = load_model(name, task_name, ["neg", "pos"] if task_name == "classification" else None).model
-        batch = batch_for(task_name, seq, bs, base.config.vocab_size)
+    for name in models:
+        task_name, seq, bs = MODELS[name]
+        if name == "llama-1b":
+            base = llama_sized(name)
+        else:
+            base = load_model(name, task_name, ["neg", "pos"] if task_name == "classification" else None).model
+        batch = {k: v.to(device) for k, v in batch_for(task_name, seq, bs, base.config.vocab_size).items()}
         for adapter in ("full", "lora"):
             ref = None
-            for label, select in SETTINGS:
-                m = measure(base, task_name, adapter, select, batch)
+            for label, select, recompute in SETTINGS:
+                m = measure(base, task_name, adapter, select, recompute, batch, device, ctx)
                 ref = ref or m
                 rows.append({"model": name, "seq": seq, "batch": bs, "adapter": adapter, "setting": label,
-                             "select": select, **m, "activations_ratio": m["activations"] / ref["activations"],
-                             "peak_ratio": m["peak"] / ref["peak"], "step_ratio": m["step_seconds"] / ref["step_seconds"]})
+                             "select": select, "recompute_attention": recompute, **m,
+                             "activations_ratio": m["activations"] / ref["activations"],
+                             "peak_ratio": m["peak"] / ref["peak"],
+                             "step_ratio": m["step_seconds"] / ref["step_seconds"]})
+                if m["cuda_max_allocated"]:
+                    rows[-1]["cuda_peak_ratio"] = m["cuda_max_allocated"] / ref["cuda_max_allocated"]
                 print(f"{name} {adapter} {label}: activations {mib(m['activations'])} MiB "
                       f"({rows[-1]['activations_ratio']:.3f}x), peak {rows[-1]['peak_ratio']:.3f}x", flush=True)
-    print()
-    print(table(["model", "seq x batch", "trains", "setting", "activ MiB", "activ ratio", "peak MiB", "peak ratio",
-                 "step s", "step ratio"],
+    print(f"\ndevice {device}, precision {args.precision}\n")
+    cuda = device.type == "cuda"
+    print(table(["model", "seq x batch", "trains", "setting", "activ MiB", "activ ratio", "peak MiB", "peak ratio"]
+                + (["cuda max MiB", "cuda ratio"] if cuda else []) + ["step s", "step ratio"],
                 [[r["model"], f"{r['seq']}x{r['batch']}", r["adapter"], r["setting"], mib(r["activations"]),
-                  f"{r['activations_ratio']:.3f}", mib(r["peak"]), f"{r['peak_ratio']:.3f}",
-                  f"{r['step_seconds']:.3f}", f"{r['step_ratio']:.2f}"] for r in rows]))
-    path = save("tokentune_memory", {"rows": rows})
-    plot(rows, RESULTS / "tokentune_memory.png")
-    print(f"wrote {path} and {RESULTS / 'tokentune_memory.png'}")
+                  f"{r['activations_ratio']:.3f}", mib(r["peak"]), f"{r['peak_ratio']:.3f}"]
+                 + ([mib(r["cuda_max_allocated"]), f"{r['cuda_peak_ratio']:.3f}"] if cuda else [])
+                 + [f"{r['step_seconds']:.3f}", f"{r['step_ratio']:.2f}"] for r in rows]))
+    name = "tokentune_memory" + ("-cuda" if cuda else "")
+    path = save(name, {"args": vars(args), "rows": rows})
+    plot(rows, models, RESULTS / f"{name}.png")
+    print(f"wrote {path} and {RESULTS / (name + '.png')}")
 
 
-def plot(rows: list[dict], out: Path) -> None:
+def plot(rows: list[dict], models: list[str], out: Path) -> None:
     from memtune.plots import _pyplot
 
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100, sharey=True)
-    for ax, model in zip(axes, MODELS):
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.8), dpi=100, sharey=True, squeeze=False)
+    for ax, model in zip(axes[0], models):
+        seq = MODELS[model][1]
         for adapter, style in (("full", "o-"), ("lora", "s--")):
-            pts = [(r["select"], r["activations_ratio"]) for r in rows
-                   if r["model"] == model and r["adapter"] == adapter and isinstance(r["select"], float)]
+            mine = [r for r in rows if r["model"] == model and r["adapter"] == adapter and r["recompute_attention"]]
+            pts = [(r["select"], r["activations_ratio"]) for r in mine if isinstance(r["select"], float)]
             ax.plot([p * 100 for p, _ in pts], [v for _, v in pts], style, label=f"{adapter}: fraction selected")
-            k16 = [r["activations_ratio"] for r in rows if r["model"] == model and r["adapter"] == adapter
-                   and r["select"] == 16]
-            ax.scatter([16 / rows[0]["seq"] * 100 if model == "tiny-llama" else 16 / 128 * 100], k16, marker="*",
-                       s=120, label=f"{adapter}: k=16")
+            k16 = [r["activations_ratio"] for r in mine if r["select"] == 16]
+            ax.scatter([16 / seq * 100], k16, marker="*", s=120, label=f"{adapter}: k=16")
         ax.axhline(0.35, color="gray", lw=0.8, ls=":")
-        ax.set_title(f"{model} (seq {MODELS[model][1]})")
+        ax.set_title(f"{model} (seq {seq})")
         ax.set_xlabel("tokens selected (%)")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("activation bytes / full backprop")
-    axes[1].legend(fontsize=8)
+    axes[0][0].set_ylabel("activation bytes / full backprop")
+    axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)

@@ -58,8 +58,9 @@ def task_obj(task):
     return ClassificationTask() if task == "classification" else CausalLMTask()
 
 
-def install(m, task, select=0.5):
-    return TokenTune(TokenTuneConfig(select=select), m, m.config.pad_token_id, task)
+def install(m, task, select=0.5, recompute_attention=True):
+    return TokenTune(TokenTuneConfig(select=select, recompute_attention=recompute_attention), m,
+                     m.config.pad_token_id, task)
 
 
 @pytest.mark.parametrize("name, task", ARCHS)
@@ -136,11 +137,12 @@ def reference_loss(model, task, batch, sel):
 
 
 @pytest.mark.parametrize("name, task", ARCHS)
-def test_subset_gradients_equal_detached_reference(name, task):
+@pytest.mark.parametrize("recompute", [True, False])
+def test_subset_gradients_equal_detached_reference(name, task, recompute):
     m = model_for(name, task)
     plain = copy.deepcopy(m)
     t = task_obj(task)
-    tt = install(m, task, select=0.4)
+    tt = install(m, task, select=0.4, recompute_attention=recompute)
     batch = batch_for(m, task, seed=1)
     sel = tt.select(batch)
     assert 0 < int(sel.sum()) < int(batch["attention_mask"].sum())

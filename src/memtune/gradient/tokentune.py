@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..data import IGNORE
 from ..errors import ConfigError
@@ -52,6 +53,9 @@ class TokenTuneConfig:
     select: float = 16  # > 1: tokens per example (an integer count); <= 1: fraction of each example's tokens
     always_first: bool = True  # BOS / [CLS] always selected
     always_last: bool | None = None  # last real token always selected; None = yes for causal LMs
+    # rebuild the selected rows' attention (mask, softmax) in backward instead of keeping it: saves
+    # B*k*L mask bytes plus the S outputs per layer, costs one more S-row attention forward
+    recompute_attention: bool = True
 
     def check(self, prefix: str) -> None:
         if self.select <= 0:
@@ -102,7 +106,8 @@ class Layout:
     """Where each column of the permuted batch comes from.
 
     index (B, W): original position of each column (0 for padding columns); valid (B, W);
-    grad_slice / const_slice: the column ranges of S and U.
+    grad_slice / const_slice: the column ranges of S and U; causal: keys after a query (in the
+    original order) are masked.
     """
 
     index: torch.Tensor
@@ -110,18 +115,59 @@ class Layout:
     grad_slice: slice
     const_slice: slice
     grad_first: bool
+    causal: bool
+    recompute_attention: bool = True
+    _last_split: tuple | None = None  # per-forward cache, see split()
 
     @property
     def width(self) -> int:
         return self.index.shape[1]
+
+    def allowed(self, rows: slice) -> torch.Tensor:
+        """(B, 1, R, W) bool, True = query column q (in `rows`) may attend to key column k.
+
+        Key k must be a real token and, when causal, not after q in the original order. Padding
+        queries see themselves, so no row is fully masked (their outputs are never used).
+        """
+        pos, ok = self.index, self.valid
+        q_pos = pos[:, rows]  # (B, R)
+        allowed = ok[:, None, :].expand(-1, q_pos.shape[1], -1)  # (B, R, W)
+        if self.causal:
+            allowed = allowed & (pos[:, None, :] <= q_pos[:, :, None])
+        cols = torch.arange(self.width, device=pos.device)[rows]  # (R,)
+        own = cols[:, None] == torch.arange(self.width, device=pos.device)[None, :]  # (R, W)
+        allowed = allowed | (own[None] & ~ok[:, rows, None])
+        return allowed[:, None]
+
+    def additive_mask(self, rows: slice, dtype: torch.dtype) -> torch.Tensor:
+        """allowed(rows) as an additive (B, 1, R, W) mask: 0 where allowed, -inf elsewhere."""
+        return torch.zeros((), dtype=dtype, device=self.index.device).masked_fill(~self.allowed(rows), float("-inf"))
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, W, ...) -> the S and U columns, contiguous (GPT-2's Conv1D views its input).
+
+        Consecutive calls on the same tensor (Q, K and V projections of one hidden state) share one
+        copy, so autograd keeps one saved input instead of three.
+        """
+        last = self._last_split
+        if last is not None and last[0] is x and last[1] == x._version:
+            return last[2], last[3]
+        g, c = x[:, self.grad_slice].contiguous(), x[:, self.const_slice].contiguous()
+        self._last_split = (x, x._version, g, c)
+        return g, c
 
     def merge(self, grad_part: torch.Tensor, const_part: torch.Tensor, dim: int = 1) -> torch.Tensor:
         parts = (grad_part, const_part) if self.grad_first else (const_part, grad_part)
         return torch.cat(parts, dim=dim)
 
 
-def _streams(sel: torch.Tensor, valid: torch.Tensor, grad_first: bool, extra: int) -> Layout:
-    """Columns [S | U] or [U | S], each stream right-padded to its batch maximum (+`extra` pad columns)."""
+def _streams(sel: torch.Tensor, valid: torch.Tensor, causal: bool) -> Layout:
+    """Columns [S | U] (encoders) or [U | S] (causal), each stream right-padded to its batch maximum.
+
+    Causal layouts get one extra pad column after S, so the last selected token's target has a slot
+    after the loss's one-step shift.
+    """
+    grad_first, extra = not causal, 1 if causal else 0
     B, T = sel.shape
     s_idx = [torch.nonzero(sel[b] & valid[b]).flatten() for b in range(B)]
     u_idx = [torch.nonzero(~sel[b] & valid[b]).flatten() for b in range(B)]
@@ -140,27 +186,20 @@ def _streams(sel: torch.Tensor, valid: torch.Tensor, grad_first: bool, extra: in
     const_slice = slice(u0, u0 + wu)
     if not grad_first:  # the extra columns sit after S and belong to the gradient stream
         grad_slice = slice(s0, width)
-    return Layout(index, ok, grad_slice, const_slice, grad_first)
+    return Layout(index, ok, grad_slice, const_slice, grad_first, causal)
 
 
 def permute_batch(batch: dict, sel: torch.Tensor, causal: bool, pad_id: int) -> tuple[dict, Layout]:
     """The batch reordered into streams, with original positions and a 4D mask built from them."""
     valid = batch["attention_mask"].bool()
     # causal: one extra column so the last selected token's target has a slot after the shift
-    layout = _streams(sel, valid, grad_first=not causal, extra=1 if causal else 0)
+    layout = _streams(sel, valid, causal)
     idx, ok = layout.index, layout.valid
     gather = lambda t, fill: torch.where(ok, torch.gather(t, 1, idx), torch.full_like(idx, fill))  # noqa: E731
     out = {"input_ids": gather(batch["input_ids"], pad_id), "position_ids": torch.where(ok, idx, 0)}
     if "token_type_ids" in batch:
         out["token_type_ids"] = gather(batch["token_type_ids"], 0)
-    # allowed[b, q, k]: key k is a real token and (causal) not after q in the original order
-    pos = idx
-    allowed = ok[:, None, :].expand(-1, idx.shape[1], -1)
-    if causal:
-        allowed = allowed & (pos[:, None, :] <= pos[:, :, None])
-    eye = torch.eye(idx.shape[1], dtype=torch.bool, device=idx.device)[None]
-    allowed = allowed | (eye & ~ok[:, :, None])  # padding queries see themselves: no all-masked rows
-    out["attention_mask"] = allowed[:, None]  # (B, 1, W, W) bool, True = attend
+    out["attention_mask"] = layout.allowed(slice(0, layout.width))  # (B, 1, W, W) bool, True = attend
     if "labels" in batch:
         # target of the token in column j = labels[pos_j + 1]; stored at column j + 1 for the loss's shift
         labels = batch["labels"]
@@ -196,6 +235,7 @@ def active(layout: Layout):
         yield
     finally:
         _STATE.layout = prev
+        layout._last_split = None  # drop the per-forward cache
 
 
 PER_TOKEN_LEAVES = (nn.Linear, nn.LayerNorm, nn.Dropout, nn.Identity)
@@ -241,8 +281,7 @@ def per_token_modules(model: nn.Module, head: nn.Module | None) -> list[tuple[st
 
 def _split(x, layout: Layout):
     if isinstance(x, torch.Tensor) and x.ndim == 3 and x.shape[1] == layout.width:
-        # contiguous: some modules (GPT-2 Conv1D) view their input
-        return x[:, layout.grad_slice].contiguous(), x[:, layout.const_slice].contiguous()
+        return layout.split(x)
     return x, x
 
 
@@ -279,15 +318,23 @@ def tokentune_attention(module, query, key, value, attention_mask, dropout: floa
         name = _STATE.fallback.get(id(module.config), "sdpa")
         return ALL_ATTENTION_FUNCTIONS[name](module, query, key, value, attention_mask, dropout=dropout,
                                              scaling=scaling, **kwargs)
+    # The mask comes from the layout (the same one permute_batch gave the model), built per call.
     gqa = query.shape[1] != key.shape[1]
 
-    def attend(rows: slice) -> torch.Tensor:
-        return F.scaled_dot_product_attention(query[:, :, rows], key, value, attn_mask=attention_mask[:, :, rows],
-                                              dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: slice) -> torch.Tensor:
+        mask = layout.additive_mask(rows, q.dtype)  # (B, 1, R, W)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling,
+                                              enable_gqa=gqa)
 
-    out_grad = attend(layout.grad_slice)
+    # a contiguous copy of the S rows: a view would keep the whole (B, H, W, D) query alive for backward
+    q_grad = query[:, :, layout.grad_slice].contiguous()
+    if layout.recompute_attention:
+        # keep only q_S, K, V; the mask, output and softmax statistics are rebuilt in backward
+        out_grad = checkpoint(attend, q_grad, key, value, layout.grad_slice, use_reentrant=False)
+    else:
+        out_grad = attend(q_grad, key, value, layout.grad_slice)
     with torch.no_grad():
-        out_const = attend(layout.const_slice)
+        out_const = attend(query[:, :, layout.const_slice], key, value, layout.const_slice)
     return layout.merge(out_grad, out_const, dim=2).transpose(1, 2).contiguous(), None
 
 
@@ -330,7 +377,9 @@ class TokenTune:
                              self.always_last)
 
     def prepare(self, batch: dict, sel: torch.Tensor | None = None) -> tuple[dict, Layout]:
-        return permute_batch(batch, self.select(batch) if sel is None else sel, self.causal, self.pad_id)
+        new_batch, layout = permute_batch(batch, self.select(batch) if sel is None else sel, self.causal, self.pad_id)
+        layout.recompute_attention = self.config.recompute_attention
+        return new_batch, layout
 
     def wrap(self, task: Task) -> Task:
         return TokenTuneTask(task, self)
@@ -339,7 +388,7 @@ class TokenTune:
         c = self.config
         return {"select": int(c.select) if c.select > 1 else c.select,
                 "mode": "count" if c.select > 1 else "fraction", "always_first": c.always_first,
-                "always_last": self.always_last, "layout": "[U|S]" if self.causal else "[S|U]",
+                "always_last": self.always_last, "recompute_attention": c.recompute_attention, "layout": "[U|S]" if self.causal else "[S|U]",
                 "per_token_modules": len(self.modules)}
 
     def remove(self) -> None:
