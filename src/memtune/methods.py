@@ -21,6 +21,13 @@ def check_combination(r: "_recipe.Recipe") -> None:
     """Reject combinations of axis values that cannot work, saying why."""
     if r.train.precision == "bf16" and getattr(r.quantize, "dtype", "auto") == "fp16":
         raise ConfigError("train.precision=bf16 with quantize.dtype=fp16: pick one half-precision type")
+    if not OPTIMIZERS.get(r.optimizer.kind).uses_backprop:
+        if r.train.grad_accum != 1:
+            raise ConfigError(f"train.grad_accum={r.train.grad_accum} with optimizer.kind={r.optimizer.kind}: a "
+                              f"zeroth-order step has no gradients to accumulate; raise train.batch_size instead")
+        if r.train.gradient_checkpointing:
+            raise ConfigError(f"train.gradient_checkpointing with optimizer.kind={r.optimizer.kind}: it runs no "
+                              f"backward pass, so there are no activations to checkpoint")
     if r.tokentune is not None:
         if not OPTIMIZERS.get(r.optimizer.kind).uses_backprop:
             raise ConfigError(f"tokentune with optimizer.kind={r.optimizer.kind}: TokenTune selects which tokens "

@@ -92,7 +92,7 @@ class Trainer:
         self.micro_per_epoch = micro_per_epoch
         steps_per_epoch = max(micro_per_epoch // t.grad_accum, 1)
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
-        if not any(p.requires_grad for p in self.run.model.parameters()) and r.optimizer.kind == "adamw":
+        if not any(p.requires_grad for p in self.run.model.parameters()):
             raise ConfigError("adapter: the recipe leaves no trainable parameter")
         self.rule = OPTIMIZERS.get(r.optimizer.kind)(r.optimizer, self.run.model, self.run.train_task, t,
                                                      self.total_steps, self.run.forward_ctx())
@@ -194,6 +194,7 @@ class Trainer:
         s = self.state
         row = {"step": s.step, "epoch": round(s.epoch + s.position / self.micro_per_epoch, 4),
                "loss": stats.loss, "lr": self.rule.lr, "grad_norm": stats.grad_norm, "targets": stats.targets,
+               **({"projected_grad": stats.projected_grad} if stats.projected_grad is not None else {}),
                "tokens": s.tokens, "tokens_per_second": s.tokens / max(s.seconds, 1e-9),
                "seconds": round(s.seconds, 4),
                ("cuda_allocated_bytes" if self.run.device.type == "cuda" else "rss_bytes"): self._memory_now()}
@@ -246,6 +247,7 @@ class Trainer:
         if self.run.tokentune is not None:
             self.run.tokentune.remove()  # artifacts are plain models: no hooks, the usual attention
         artifact = self.run.method.save(self.run.model, self.out, r.model)
+        rule_files = self.rule.save_artifacts(self.out)
         self.run.tokenizer.save_pretrained(self.out / "tokenizer")
         mem = self.tracker.report()
         summary = {
@@ -265,7 +267,7 @@ class Trainer:
             "eval": _eval_fields(result),
             "adapter": {"kind": r.adapter.kind, "artifact": str(artifact.relative_to(self.out)),
                         **self.run.method.describe()},
-            "gradient": {"rule": r.optimizer.kind,
+            "gradient": {"rule": r.optimizer.kind, **self.rule.describe(), **rule_files,
                          "tokentune": self.run.tokentune.describe() if self.run.tokentune is not None else None},
             "device": _device_name(self.run.device),
         }

@@ -8,6 +8,7 @@ the rule's business. A rule is registered in `OPTIMIZERS` under the recipe's `op
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, ContextManager
@@ -26,6 +27,7 @@ class StepStats:
     targets: int  # loss targets in the step (tokens for causal-lm, examples for classification)
     tokens: int  # non-padding input tokens
     grad_norm: float | None = None
+    projected_grad: float | None = None  # zeroth-order rules: mean (l+ - l-) / (2 eps) of the step
 
 
 class UpdateRule(ABC):
@@ -58,6 +60,14 @@ class UpdateRule(ABC):
     @property
     @abstractmethod
     def lr(self) -> float: ...
+
+    def describe(self) -> dict:
+        """Settings worth reporting in summary.json's `gradient` section."""
+        return {}
+
+    def save_artifacts(self, out: Path) -> dict:
+        """Write rule-specific files into the run directory; returns summary fields naming them."""
+        return {}
 
 
 OPTIMIZERS: Registry[type[UpdateRule]] = Registry("optimizer")

@@ -1,0 +1,452 @@
+"""MeZO (Malladi et al., NeurIPS 2023): zeroth-order SGD in place, at inference memory.
+
+One step (Algorithm 1), for each of n seeds s_j (n-SPSA; n = `samples`, default 1):
+
+    theta <- theta + eps z        l+ = L(theta; batch)
+    theta <- theta - 2 eps z      l- = L(theta; batch)
+    theta <- theta + eps z        (restored)
+    g_j = (l+ - l-) / (2 eps)     a scalar: the projected gradient along z_j
+
+then, with z_j regenerated from s_j (never stored):
+
+    sgd       theta <- theta - lr/n * (g_j z_j + wd theta)                       for each j in turn
+    momentum  m_t = beta m_{t-1} + (1 - beta) ghat_t,   theta <- theta - lr (m_t + wd theta)
+    adam      m_t, v_t as Adam over ghat_t (v on its elementwise square), bias-corrected,
+              theta <- theta - lr (mhat / (sqrt(vhat) + eps_adam) + wd theta)
+
+where ghat_t = (1/n) sum_j g_j z_j. Weight decay skips tensors with fewer than 2 dimensions (biases,
+norm weights), as the AdamW rule does.
+
+What is never materialized: z for all parameters. Each trainable tensor k draws its z from a private
+`torch.Generator` seeded with mix(s, k), in the model's parameter order, in slices of at most
+`chunk` elements; so perturbation, restore and update each need one slice of scratch memory, and a
+step's memory is the inference forward's plus that slice. Forward passes run with the model in eval
+mode (no dropout) under `torch.inference_mode()`; the logged training loss is l+ (mean of l+ over
+the n seeds).
+
+Momentum and Adam state (`state:`):
+
+    recompute (default)  keep only the last `history` steps' (seed, g) pairs (2 scalars per seed) and
+                         rebuild m (and v) one tensor at a time from them each step: no per-parameter
+                         memory, but `history` extra z regenerations per tensor per step. Exact while
+                         t <= history; after that the moments are sums over the last `history` steps,
+                         bias-corrected with the truncated weight sums (a windowed moving average).
+    dense                m (momentum) or m and v (adam) as buffers: 1x (momentum) or 2x (adam) the
+                         trainable parameters' bytes, one z regeneration per step, exact Adam.
+
+Seeds are not drawn from a stateful RNG: s_{t,j} = mix(seed, t, j), so a run is reproduced from the
+master seed and the per-step g values alone. `trajectory: true` writes them to
+`trajectory.safetensors` (4 bytes per seed per step, under 0.1 MB for 20k steps); `replay()` applies
+a saved trajectory to the base model and reproduces the trained weights.
+
+Objectives (`objective:`): `ce` (the task's cross-entropy), `accuracy` (minimizes -accuracy), `f1`
+(minimizes -macro-F1), or `module:function` called as f(outputs, batch) -> scalar to minimize, with
+outputs = model(**inputs) (classification tasks with a `scores` method pass those scores as
+`outputs.logits`).
+
+Our own rule, not a library's: no package implements in-place ZO-SGD over arbitrary trainable sets;
+the reference code (princeton-nlp/MeZO) seeds the global RNG and is tied to the HF Trainer.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Literal
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..recipe import OptimizerConfig
+from ..tasks import model_inputs
+from .base import OPTIMIZERS, StepStats, UpdateRule, schedule_factor
+
+TRAJECTORY = "trajectory.safetensors"
+_MASK64 = (1 << 64) - 1
+
+
+def mix(*xs: int) -> int:
+    """A 63-bit seed from integers (splitmix64 finalizer over a running combination)."""
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h = (h ^ (x & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK64
+        h ^= h >> 29
+    return h >> 1
+
+
+@dataclass
+class MezoConfig(OptimizerConfig):
+    kind: str = "mezo"
+    lr: float = 1e-6
+    eps: float = 1e-3  # perturbation scale
+    samples: int = 1  # n-SPSA: seeds per step, each applied with lr/n
+    variant: Literal["sgd", "momentum", "adam"] = "sgd"
+    beta1: float = 0.9  # momentum coefficient (momentum), first-moment decay (adam)
+    beta2: float = 0.999  # adam second-moment decay
+    adam_eps: float = 1e-8
+    state: Literal["recompute", "dense"] = "recompute"  # momentum/adam state, see module docstring
+    history: int = 0  # recompute window in steps; 0 = until beta1^k < 0.01, at most 100
+    objective: str = "ce"  # ce | accuracy | f1 | module:function
+    seed: int | None = None  # master seed of the perturbations; None = train.seed
+    trajectory: bool = False  # save (seed, g) per step to trajectory.safetensors
+    chunk: int = 1 << 20  # z is generated in slices of at most this many elements
+
+    def check(self, prefix: str) -> None:
+        super().check(prefix)
+        if self.eps <= 0:
+            raise ConfigError(f"{prefix}.eps: expected a positive perturbation scale, got {self.eps}")
+        if self.samples < 1:
+            raise ConfigError(f"{prefix}.samples: expected >= 1, got {self.samples}")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ConfigError(f"{prefix}.{name}: expected a number in [0, 1), got {v}")
+        if self.history < 0:
+            raise ConfigError(f"{prefix}.history: expected >= 0 (0 = automatic), got {self.history}")
+        if self.chunk < 1:
+            raise ConfigError(f"{prefix}.chunk: expected >= 1, got {self.chunk}")
+        if self.objective not in ("ce", "accuracy", "f1") and ":" not in self.objective:
+            raise ConfigError(f"{prefix}.objective: expected ce, accuracy, f1 or 'module:function', "
+                              f"got {self.objective!r}")
+
+    def window(self) -> int:
+        if self.history:
+            return self.history
+        if self.beta1 == 0:
+            return 1
+        return max(1, min(100, math.ceil(math.log(0.01) / math.log(self.beta1))))
+
+
+# ------------------------------------------------------------------------------------------------
+# z: regenerated per (seed, tensor), in slices
+
+
+def z_slices(p: torch.Tensor, seed: int, index: int, chunk: int) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(slice of p.view(-1), z for it) for tensor number `index` under step seed `seed`."""
+    g = torch.Generator(device=p.device)
+    g.manual_seed(mix(seed, index))
+    n = p.numel()
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        yield slice(start, stop), torch.randn(stop - start, generator=g, device=p.device, dtype=p.dtype)
+
+
+def full_z(p: torch.Tensor, seed: int, index: int, chunk: int) -> torch.Tensor:
+    """The whole z of one tensor (tests and diagnostics only)."""
+    return torch.cat([z for _, z in z_slices(p, seed, index, chunk)]).view_as(p)
+
+
+# ------------------------------------------------------------------------------------------------
+# Objectives
+
+
+def _class_scores(task, model: nn.Module, batch: dict) -> torch.Tensor:
+    if hasattr(task, "scores"):
+        return task.scores(model, batch)
+    return model(**model_inputs(batch)).logits
+
+
+def macro_f1(pred: torch.Tensor, gold: torch.Tensor, num_classes: int) -> float:
+    """Mean over classes present in gold or pred of 2TP / (2TP + FP + FN)."""
+    f1s = []
+    for c in range(num_classes):
+        tp = int(((pred == c) & (gold == c)).sum())
+        fp = int(((pred == c) & (gold != c)).sum())
+        fn = int(((pred != c) & (gold == c)).sum())
+        if tp + fp + fn:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    return sum(f1s) / max(len(f1s), 1)
+
+
+def make_objective(name: str, task) -> Callable[[nn.Module, dict], float]:
+    """(model, batch) -> scalar to minimize, as a Python float."""
+    classification = task.name != "causal-lm"
+    if name == "ce":
+        def ce(model, batch):
+            loss, _ = task.loss_sum(model, batch)
+            return float(loss) / max(task.count(batch), 1)
+        return ce
+    if name in ("accuracy", "f1"):
+        if not classification:
+            raise ConfigError(f"optimizer.objective={name}: needs a classification task, got task={task.name}")
+
+        def metric(model, batch):
+            scores = _class_scores(task, model, batch)  # (B, C)
+            pred, gold = scores.argmax(-1), batch["label"]
+            if name == "accuracy":
+                return -float((pred == gold).float().mean())
+            return -macro_f1(pred, gold, scores.shape[-1])
+        return metric
+    module_name, _, fn_name = name.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"optimizer.objective: cannot import '{name}' ({e})") from None
+    if not callable(fn):
+        raise ConfigError(f"optimizer.objective: '{name}' is not callable")
+
+    def custom(model, batch):
+        if classification and hasattr(task, "scores"):
+            from types import SimpleNamespace
+
+            outputs = SimpleNamespace(logits=task.scores(model, batch))
+        else:
+            outputs = model(**model_inputs(batch))
+        return float(fn(outputs, batch))
+    return custom
+
+
+# ------------------------------------------------------------------------------------------------
+# The rule
+
+
+class _DenseState(torch.optim.Optimizer):
+    """Holds dense momentum/Adam buffers so the memory tracker counts them as optimizer state."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        super().__init__(params, {})
+
+    def step(self, closure=None):  # the update is MeZO's; this object only owns the buffers
+        return None
+
+
+@OPTIMIZERS.register("mezo", MezoConfig)
+class Mezo(UpdateRule):
+    uses_backprop = False
+    config: MezoConfig
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        c = self.config
+        self.named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not self.named:
+            raise ConfigError("optimizer.kind=mezo: the model has no trainable parameters")
+        self.params = [p for _, p in self.named]
+        self.seed = self.train_cfg.seed if c.seed is None else c.seed
+        self.objective = make_objective(c.objective, self.task)
+        self.factor = schedule_factor(self.train_cfg.schedule, self.train_cfg.warmup_steps, self.total_steps)
+        self.t = 0  # steps taken
+        self.history: list[tuple[int, list[float]]] = []  # (step, g per seed), newest last
+        self.grads: list[list[float]] = []  # every step's g values (trajectory)
+        self._dense = None
+        if c.variant != "sgd" and c.state == "dense":
+            self._dense = _DenseState(self.params)
+            for p in self.params:
+                st = self._dense.state[p]
+                st["exp_avg"] = torch.zeros_like(p)
+                if c.variant == "adam":
+                    st["exp_avg_sq"] = torch.zeros_like(p)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        return self._dense
+
+    @property
+    def lr(self) -> float:
+        return self.config.lr * self.factor(self.t)
+
+    def step_seed(self, step: int, j: int) -> int:
+        return mix(self.seed, step, j)
+
+    # -- perturbation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def perturb(self, seed: int, scale: float) -> None:
+        """theta <- theta + scale * eps * z(seed), one slice at a time."""
+        a = scale * self.config.eps
+        for k, p in enumerate(self.params):
+            flat = p.view(-1)
+            for sl, z in z_slices(p, seed, k, self.config.chunk):
+                flat[sl].add_(z, alpha=a)
+
+    def loss(self, batch: dict) -> float:
+        with torch.inference_mode(), self.forward_ctx():
+            return self.objective(self.model, batch)
+
+    def estimate(self, batch: dict, seed: int) -> tuple[float, float]:
+        """(projected gradient g, l+) along z(seed); theta is restored afterwards."""
+        eps = self.config.eps
+        self.perturb(seed, +1.0)
+        l_plus = self.loss(batch)
+        self.perturb(seed, -2.0)
+        l_minus = self.loss(batch)
+        self.perturb(seed, +1.0)
+        g = (l_plus - l_minus) / (2 * eps)
+        # rounded to float32 so a saved trajectory (float32) replays bit-for-bit
+        return float(torch.tensor(g, dtype=torch.float32)), l_plus
+
+    # -- update ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def apply(self, step: int, gs: list[float], lr: float) -> None:
+        """The update of step `step` with projected gradients `gs` (one per seed) at rate `lr`."""
+        c = self.config
+        n = len(gs)
+        if c.variant == "sgd":
+            for j, g in enumerate(gs):
+                seed = self.step_seed(step, j)
+                for k, p in enumerate(self.params):
+                    if c.weight_decay and p.ndim >= 2:
+                        p.mul_(1 - lr / n * c.weight_decay)
+                    flat = p.view(-1)
+                    for sl, z in z_slices(p, seed, k, c.chunk):
+                        flat[sl].add_(z, alpha=-lr / n * g)
+            return
+        self.history.append((step, list(gs)))
+        del self.history[:-c.window()]
+        for k, p in enumerate(self.params):
+            m, v = self._moments(k, p, step, gs)
+            direction = m if v is None else m / (v.sqrt() + c.adam_eps)
+            if c.weight_decay and p.ndim >= 2:
+                p.mul_(1 - lr * c.weight_decay)
+            p.add_(direction, alpha=-lr)
+
+    def _ghat(self, k: int, p: torch.Tensor, step: int, gs: list[float]) -> torch.Tensor:
+        """(1/n) sum_j g_j z_j for tensor k at step `step`."""
+        out = torch.zeros_like(p)
+        flat = out.view(-1)
+        for j, g in enumerate(gs):
+            for sl, z in z_slices(p, self.step_seed(step, j), k, self.config.chunk):
+                flat[sl].add_(z, alpha=g / len(gs))
+        return out
+
+    def _moments(self, k: int, p: torch.Tensor, step: int, gs: list[float]):
+        """Bias-corrected m (and v for adam) of tensor k after step `step`."""
+        c = self.config
+        adam = c.variant == "adam"
+        t = step + 1  # steps folded in so far
+        if self._dense is not None:
+            st = self._dense.state[p]
+            gh = self._ghat(k, p, step, gs)
+            st["exp_avg"].mul_(c.beta1).add_(gh, alpha=1 - c.beta1)
+            if not adam:
+                return st["exp_avg"], None
+            st["exp_avg_sq"].mul_(c.beta2).addcmul_(gh, gh, value=1 - c.beta2)
+            return st["exp_avg"] / (1 - c.beta1 ** t), st["exp_avg_sq"] / (1 - c.beta2 ** t)
+        m = torch.zeros_like(p)
+        v = torch.zeros_like(p) if adam else None
+        for s, g_s in self.history:  # sum over the window, one z regeneration per stored seed
+            gh = self._ghat(k, p, s, g_s)
+            age = step - s
+            m.add_(gh, alpha=(1 - c.beta1) * c.beta1 ** age)
+            if adam:
+                v.addcmul_(gh, gh, value=(1 - c.beta2) * c.beta2 ** age)
+        if not adam:
+            return m, None
+        span = min(t, len(self.history))  # exact Adam while t <= window
+        return m / (1 - c.beta1 ** span), v / (1 - c.beta2 ** span)
+
+    # -- the step ----------------------------------------------------------------------------------
+    def step(self, micro_batches: list[dict]) -> StepStats:
+        if len(micro_batches) != 1:
+            raise ConfigError("optimizer.kind=mezo: one micro-batch per step (train.grad_accum must be 1)")
+        batch = micro_batches[0]
+        was_training = self.model.training
+        self.model.eval()  # no dropout in the two forwards, as in the reference
+        try:
+            gs, losses = [], []
+            for j in range(self.config.samples):
+                g, l_plus = self.estimate(batch, self.step_seed(self.t, j))
+                gs.append(g)
+                losses.append(l_plus)
+            self.apply(self.t, gs, self.lr)
+        finally:
+            self.model.train(was_training)
+        self.grads.append(gs)
+        self.t += 1
+        return StepStats(loss=sum(losses) / len(losses), targets=self.task.count(batch),
+                         tokens=self.task.tokens(batch), projected_grad=sum(gs) / len(gs))
+
+    # -- state, trajectory -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"t": self.t, "history": [[s, list(g)] for s, g in self.history], "grads": self.grads,
+                "dense": self._dense.state_dict() if self._dense is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.t = state["t"]
+        self.history = [(s, list(g)) for s, g in state["history"]]
+        self.grads = [list(g) for g in state["grads"]]
+        if self._dense is not None and state.get("dense") is not None:
+            self._dense.load_state_dict(state["dense"])
+
+    def describe(self) -> dict:
+        c = self.config
+        return {"variant": c.variant, "samples": c.samples, "eps": c.eps, "objective": c.objective,
+                "state": c.state if c.variant != "sgd" else None,
+                "history": c.window() if c.variant != "sgd" and c.state == "recompute" else None,
+                "seed": self.seed, "trainable_tensors": len(self.params)}
+
+    def save_artifacts(self, out: Path) -> dict:
+        if not self.config.trajectory:
+            return {}
+        from safetensors.torch import save_file
+
+        meta = {"config": self.config.__dict__, "seed": self.seed, "total_steps": self.total_steps,
+                "schedule": self.train_cfg.schedule, "warmup_steps": self.train_cfg.warmup_steps,
+                "params": [[n, list(p.shape)] for n, p in self.named]}
+        grads = torch.tensor(self.grads, dtype=torch.float32).reshape(len(self.grads), self.config.samples)
+        path = Path(out) / TRAJECTORY
+        save_file({"projected_grad": grads}, str(path), metadata={"memtune_mezo": json.dumps(meta)})
+        return {"trajectory": TRAJECTORY, "trajectory_bytes": path.stat().st_size}
+
+
+def load_trajectory(path: str | Path) -> tuple[dict, torch.Tensor]:
+    from safetensors import safe_open
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / TRAJECTORY
+    if not p.is_file():
+        raise ConfigError(f"{p}: no MeZO trajectory here (train with optimizer.trajectory=true)")
+    with safe_open(str(p), "pt") as f:
+        meta = f.metadata() or {}
+        if "memtune_mezo" not in meta:
+            raise ConfigError(f"{p}: not a memtune MeZO trajectory (no 'memtune_mezo' metadata)")
+        return json.loads(meta["memtune_mezo"]), f.get_tensor("projected_grad")
+
+
+def replay(model: nn.Module, path: str | Path, task=None) -> int:
+    """Apply a saved trajectory to `model` (the run's base with its trainable part attached, untrained).
+
+    Replays each step's perturb/restore round trips too (no forward passes): restoring theta after
+    +eps z, -2 eps z, +eps z is exact only up to rounding, and repeating it makes the replay bit-exact
+    on the same device. Returns the number of steps replayed. Parameters must match the saved names
+    and shapes.
+    """
+    meta, grads = load_trajectory(path)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    saved = [(n, tuple(s)) for n, s in meta["params"]]
+    if [(n, tuple(p.shape)) for n, p in named] != saved:
+        raise ConfigError(f"{path}: trainable parameters differ from the trajectory's "
+                          f"({len(named)} tensors here, {len(saved)} saved)")
+    from ..recipe import TrainConfig
+
+    cfg = MezoConfig(**{k: v for k, v in meta["config"].items()})
+    cfg.seed = meta["seed"]
+    train_cfg = TrainConfig(schedule=meta["schedule"], warmup_steps=meta["warmup_steps"], seed=meta["seed"])
+    rule = Mezo(cfg, model, task or _NoTask(), train_cfg, meta["total_steps"], lambda: None)
+    for step in range(grads.shape[0]):
+        gs = [float(g) for g in grads[step]]
+        for j in range(len(gs)):  # the perturb/restore round trips, for their rounding: bit-exact replay
+            seed = rule.step_seed(step, j)
+            rule.perturb(seed, +1.0)
+            rule.perturb(seed, -2.0)
+            rule.perturb(seed, +1.0)
+        rule.apply(step, gs, rule.config.lr * rule.factor(step))
+        rule.t = step + 1
+    return grads.shape[0]
+
+
+class _NoTask:
+    """Replay runs no forward passes; the rule only needs a task for its objective."""
+
+    name = "replay"
+
+    def loss_sum(self, model, batch):  # pragma: no cover - never called during replay
+        raise RuntimeError("replay runs no forward passes")
+
+    def count(self, batch):  # pragma: no cover
+        return 1
