@@ -287,3 +287,22 @@ def _stop_after(n):
         if event.step >= n:
             raise _Stop()
     return cb
+
+
+@pytest.mark.parametrize("extra", [["adapter.kind=lora", "adapter.r=4"], []])
+def test_replay_command_rebuilds_the_trained_artifact(tmp_path, extra):
+    from safetensors.torch import load_file
+
+    from memtune.cli import main
+
+    run_dir = tmp_path / "run"
+    train(load_recipe(None, ["model=tiny-llama", f"data.train={ALPACA}", "optimizer.kind=mezo",
+                             "optimizer.lr=1e-3", "optimizer.trajectory=true", "train.max_steps=4",
+                             "train.batch_size=4"] + extra + base_overrides(run_dir)))
+    assert main(["replay", str(run_dir), "--to", str(tmp_path / "replayed")]) == 0
+    sub = "adapter/adapter_model.safetensors" if extra else "model/model.safetensors"
+    a, b = load_file(str(run_dir / sub)), load_file(str(tmp_path / "replayed" / sub))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert main(["replay", str(run_dir), "--to", str(tmp_path / "replayed")]) == 2  # not empty: refused

@@ -1,4 +1,4 @@
-"""The `memtune` command: train, eval, merge, demo.
+"""The `memtune` command: train, eval, merge, replay, demo.
 
 User errors (MemtuneError) print one line, `memtune: error: ...`, and exit with status 2.
 """
@@ -52,6 +52,13 @@ def cmd_merge(ns) -> int:
     return 0
 
 
+def cmd_replay(ns) -> int:
+    from .replay import replay_run
+
+    print(json.dumps(replay_run(ns.run_dir, ns.to)))
+    return 0
+
+
 def cmd_demo(ns) -> int:
     from .demo import run_demo
 
@@ -77,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--to", required=True, help="output directory for the merged transformers model")
     m.add_argument("overrides", nargs="*", metavar="key=value")
     m.set_defaults(fn=cmd_merge)
+
+    r = sub.add_parser("replay", help="rebuild a MeZO run's weights from its trajectory: memtune replay RUN_DIR --to DIR")
+    r.add_argument("run_dir")
+    r.add_argument("--to", required=True, help="output directory (receives adapter/ or model/ and recipe.yaml)")
+    r.set_defaults(fn=cmd_replay)
 
     d = sub.add_parser("demo", help="full fine-tuning vs LoRA on pretrained MiniLM, side by side")
     d.add_argument("--data", help="labeled TSV/CSV/JSONL (e.g. SST-2 train.tsv); default: the bundled set")

@@ -101,6 +101,8 @@ class LoraLinear(nn.Module):
             return y
         a = self.lora_A.weight
         update = self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype))))  # (..., r) -> (..., d_out)
+        if not torch.is_grad_enabled():  # inference (eval, MeZO): no extra output-sized temporaries
+            return y.add_(update.to(y.dtype), alpha=self.scaling)
         return y + (update * self.scaling).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
