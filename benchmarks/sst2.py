@@ -1,10 +1,15 @@
-"""SST-2 (GLUE) with the pretrained MiniLM-L6: full fine-tuning, LoRA, and both with TokenTune (k=16).
+"""SST-2 (GLUE) with the pretrained MiniLM-L6: backprop methods, or MeZO from its starting point.
 
     python benchmarks/sst2.py [--sst2 ../shared/data/sst2] [--train-examples 4000] [--epochs 1]
+    python benchmarks/sst2.py --suite mezo [--steps 1500]
 
-Trains each method on the same random 4,000 training sentences (seed 0) for one epoch at
-max_length 64, batch 16, then reports dev accuracy (872 sentences), wall time and measured memory.
-Writes benchmarks/results/sst2.json.
+Suite `backprop` (default): full fine-tuning, LoRA, and both with TokenTune (k=16), each on the same
+random 4,000 training sentences (seed 0) for one epoch at max_length 64, batch 16.
+Suite `mezo`: MeZO (full parameters, LoRA, and full with the accuracy objective) from a classifier
+head initialized at the class centroids of 16 training sentences per class, for a fixed number of
+steps (batch 16, constant LR) drawn from 20,000 training sentences.
+Both report dev accuracy (872 sentences) before and after, time per step and measured memory, and
+write benchmarks/results/sst2[-mezo].json.
 """
 
 from __future__ import annotations
@@ -30,16 +35,33 @@ METHODS = {
     "full+tokentune(k=16)": FULL + ["tokentune.select=16"],
     "lora+tokentune(k=16)": LORA + ["tokentune.select=16"],
 }
+MEZO = ["optimizer.kind=mezo", "classifier_init.examples_per_class=16", "train.schedule=constant",
+        "train.warmup_steps=0"]
+MEZO_METHODS = {
+    "mezo full": MEZO + ["optimizer.lr=1e-5", "optimizer.eps=1e-3"],
+    "mezo lora": MEZO + ["adapter.kind=lora", "adapter.r=8", "adapter.alpha=16", "adapter.targets=all-linear",
+                         "optimizer.lr=1e-4", "optimizer.eps=1e-2"],
+    "mezo full (accuracy objective)": MEZO + ["optimizer.lr=1e-5", "optimizer.eps=1e-3",
+                                              "optimizer.objective=accuracy"],
+}
+SUITES = {"backprop": METHODS, "mezo": MEZO_METHODS}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sst2", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"))
-    ap.add_argument("--train-examples", type=int, default=4000)
-    ap.add_argument("--epochs", type=float, default=1.0)
-    ap.add_argument("--out", default="runs/bench-sst2")
-    ap.add_argument("--methods", default=";".join(METHODS), help="';'-separated method names")
+    ap.add_argument("--suite", default="backprop", choices=list(SUITES))
+    ap.add_argument("--train-examples", type=int, default=None, help="default: 4000 (backprop), 20000 (mezo)")
+    ap.add_argument("--epochs", type=float, default=1.0, help="backprop suite")
+    ap.add_argument("--steps", type=int, default=1500, help="mezo suite: optimizer steps per method")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--methods", default=None, help="';'-separated method names (default: the whole suite)")
+    ap.add_argument("--set", action="append", default=[], help="extra key=value override for every method")
     args = ap.parse_args()
+    methods = SUITES[args.suite]
+    mezo = args.suite == "mezo"
+    args.train_examples = args.train_examples or (20000 if mezo else 4000)
+    args.out = args.out or f"runs/bench-sst2{'-mezo' if mezo else ''}"
     sst2, out = Path(args.sst2), Path(args.out)
     records = read_records(str(sst2 / "train.tsv"))
     random.Random(0).shuffle(records)
@@ -48,21 +70,22 @@ def main() -> None:
     subset.write_text("sentence\tlabel\n" + "".join(
         f"{r.fields['sentence'].strip()}\t{r.fields['label']}\n" for r in records[:args.train_examples]))
     shared = ["model=minilm", "task=classification", f"data.train={subset}", f"data.eval={sst2 / 'dev.tsv'}",
-              "data.labels=[0,1]", "data.max_length=64", f"train.epochs={args.epochs}", "train.batch_size=16",
-              "train.schedule=linear", "train.warmup_steps=25", "train.seed=0", "train.progress=false",
-              "train.eval_at_start=true"]
+              "data.labels=[0,1]", "data.max_length=64", "train.batch_size=16", "train.schedule=linear",
+              "train.warmup_steps=25", "train.seed=0", "train.progress=false", "train.eval_at_start=true"]
+    shared += [f"train.max_steps={args.steps}"] if mezo else [f"train.epochs={args.epochs}"]
     rows = []
-    for name in args.methods.split(";"):
+    for name in args.methods.split(";") if args.methods else list(methods):
         t0 = time.perf_counter()
-        run_dir = out / name.replace("(", "-").replace(")", "").replace("=", "").replace("+", "-")
-        s = train(build_recipe({}, shared + METHODS[name] + [f"output_dir={run_dir}"]))
+        run_dir = out / "".join(c if c.isalnum() or c == "-" else "_" for c in name)
+        recipe = shared + methods[name] + args.set
+        s = train(build_recipe({}, recipe + [f"output_dir={run_dir}"]))
         wall = time.perf_counter() - t0
         rows.append({"method": name, "tokens_per_second": s["train"]["tokens_per_second"], "dev_accuracy": s["eval"]["accuracy"], "dev_accuracy_start":
                      s["eval_start"]["accuracy"], "dev_loss": s["eval"]["loss"], "steps": s["train"]["steps"],
                      "train_seconds": s["train"]["seconds"], "wall_seconds": wall,
                      "seconds_per_step": s["train"]["seconds"] / s["train"]["steps"],
                      "params_trainable": s["params"]["trainable"], "memory_bytes": s["memory_bytes"],
-                     "recipe": METHODS[name]})
+                     "recipe": methods[name] + args.set})
         print(f"{name}: dev accuracy {s['eval']['accuracy']:.4f} in {wall:.0f}s", flush=True)
     print(table(["method", "trainable", "dev acc (start)", "dev acc", "steps", "s/step", "wall s", "grads MiB",
                  "optim MiB", "activ MiB", "peak MiB"],
@@ -70,8 +93,9 @@ def main() -> None:
                   f"{r['dev_accuracy']:.4f}", r["steps"], f"{r['seconds_per_step']:.3f}", f"{r['wall_seconds']:.0f}",
                   mib(r["memory_bytes"]["gradients"]), mib(r["memory_bytes"]["optimizer"]),
                   mib(r["memory_bytes"]["activations"]), mib(r["memory_bytes"]["peak"])] for r in rows]))
-    path = save("sst2", {"train_examples": args.train_examples, "epochs": args.epochs, "max_length": 64,
-                         "batch_size": 16, "rows": rows})
+    path = save("sst2-mezo" if mezo else "sst2", {
+        "suite": args.suite, "train_examples": args.train_examples, "max_length": 64, "batch_size": 16,
+        **({"steps": args.steps} if mezo else {"epochs": args.epochs}), "rows": rows})
     print(f"wrote {path}")
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from . import recipe as _recipe
 from .adapters import ADAPTERS
+from .classifier_init import ClassifierInitConfig
 from .errors import ConfigError
 from .gradient import OPTIMIZERS
 from .gradient.tokentune import TokenTuneConfig
+from .prompting import PromptConfig, check_label_words
 from .storage import STORAGE
 
 _recipe.POLYMORPHIC.update({
@@ -14,7 +16,8 @@ _recipe.POLYMORPHIC.update({
     "adapter": (ADAPTERS, _recipe.AdapterConfig),
     "optimizer": (OPTIMIZERS, _recipe.OptimizerConfig),
 })
-_recipe.OPTIONAL.update({"tokentune": TokenTuneConfig})
+_recipe.OPTIONAL.update({"tokentune": TokenTuneConfig, "prompt": PromptConfig,
+                         "classifier_init": ClassifierInitConfig})
 
 
 def check_combination(r: "_recipe.Recipe") -> None:
@@ -36,3 +39,19 @@ def check_combination(r: "_recipe.Recipe") -> None:
             raise ConfigError("tokentune with train.gradient_checkpointing: TokenTune already keeps activations "
                               "only for the selected tokens; checkpointing would recompute its two-stream forward "
                               "outside the selection. Use one of them")
+    if r.prompt is not None:
+        if r.task != "classification":
+            raise ConfigError(f"prompt with task={r.task}: a prompt scores class label words; it needs "
+                              f"task=classification")
+        check_label_words(r.prompt, r.data.labels)
+        if r.tokentune is not None:
+            raise ConfigError("tokentune with prompt: TokenTune permutes tokens and keeps the loss only at "
+                              "selected positions, while prompt scoring reads the logits at {mask} or after the "
+                              "prompt's last token. Use one of them")
+    if r.classifier_init is not None:
+        if r.task != "classification":
+            raise ConfigError(f"classifier_init with task={r.task}: it initializes a classification head; it "
+                              f"needs task=classification")
+        if r.prompt is not None:
+            raise ConfigError("classifier_init with prompt: a prompt classifies through the LM head and its "
+                              "label words, so there is no classification head to initialize. Use one of them")

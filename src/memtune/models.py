@@ -11,11 +11,16 @@ Presets (no download needed):
 Tiny presets are random-init from transformers configs under a fixed seed (without touching the
 global RNG), so the same preset gives the same weights in every process; that is what lets
 `memtune eval RUN_DIR` rebuild the base of a run that used one.
+
+The head follows the task (causal-lm -> AutoModelForCausalLM, classification ->
+AutoModelForSequenceClassification) unless `head=` asks otherwise: prompt-based classification
+loads `causal-lm` or `masked-lm` (memtune.prompting).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -25,9 +30,17 @@ from torch import nn
 
 from .errors import ModelError
 
+log = logging.getLogger(__name__)
+
 CAUSAL_LM = "causal-lm"
 CLASSIFICATION = "classification"
 PRESET_SEED = 1234
+
+# The transformers head a model is loaded with. A task has a default head; prompt-based
+# classification (memtune.prompting) asks for an LM head instead of a sequence classifier.
+SEQUENCE_CLASSIFIER = "sequence-classifier"
+MASKED_LM = "masked-lm"
+HEADS = (CAUSAL_LM, SEQUENCE_CLASSIFIER, MASKED_LM)
 
 # A minimal ChatML template for presets whose tokenizer has none, so `messages` data works offline.
 CHATML_TEMPLATE = (
@@ -125,18 +138,28 @@ class Loaded:
     source: str  # preset name, local path or hub id
 
 
-def _auto_class(task: str):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
+def default_head(task: str) -> str:
+    """The head a task loads by default: causal-lm -> causal LM, classification -> sequence classifier."""
     if task == CAUSAL_LM:
-        return AutoModelForCausalLM
+        return CAUSAL_LM
     if task == CLASSIFICATION:
-        return AutoModelForSequenceClassification
+        return SEQUENCE_CLASSIFIER
     raise ModelError(f"task: expected 'causal-lm' or 'classification', got {task!r}")
 
 
-def _label_kwargs(task: str, labels: list[str] | None) -> dict:
-    if task != CLASSIFICATION:
+def _auto_class(head: str):
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+    classes = {CAUSAL_LM: AutoModelForCausalLM, SEQUENCE_CLASSIFIER: AutoModelForSequenceClassification,
+               MASKED_LM: AutoModelForMaskedLM}
+    if head not in classes:
+        raise ModelError(f"model head: expected one of {', '.join(HEADS)}, got {head!r}")
+    return classes[head]
+
+
+def _label_kwargs(head: str, labels: list[str] | None) -> dict:
+    """Label names go into the config of a sequence classifier only (an LM head has no classes)."""
+    if head != SEQUENCE_CLASSIFIER:
         return {}
     if not labels:
         raise ModelError("classification needs label names (data.labels, or labels in the training data)")
@@ -144,15 +167,21 @@ def _label_kwargs(task: str, labels: list[str] | None) -> dict:
             "label2id": {n: i for i, n in enumerate(labels)}}
 
 
-def build_preset(name: str, task: str, labels: list[str] | None = None) -> Loaded:
-    """Random-init tiny model from a transformers config, seeded without touching the global RNG."""
+def build_preset(name: str, task: str, labels: list[str] | None = None, head: str | None = None) -> Loaded:
+    """Random-init tiny model from a transformers config, seeded without touching the global RNG.
+
+    `head` overrides the task's default head (e.g. `masked-lm` for prompt-based classification)."""
+    head = head or default_head(task)
     tok = _wordpiece_tokenizer() if name == "tiny-bert" else byte_tokenizer()
     cfg = _tiny_config(name, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
-    for k, v in _label_kwargs(task, labels).items():
+    for k, v in _label_kwargs(head, labels).items():
         setattr(cfg, k, v)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(PRESET_SEED)
-        model = _auto_class(task).from_config(cfg)
+        try:
+            model = _auto_class(head).from_config(cfg)
+        except ValueError:  # the architecture has no such head (e.g. Llama as a masked LM)
+            raise ModelError(f"model '{name}': {type(cfg).__name__} has no {head} head") from None
     model.config.name_or_path = name
     return Loaded(model, tok, name)
 
@@ -170,10 +199,12 @@ def _quiet_transformers():
 
 
 def load_model(name: str, task: str, labels: list[str] | None = None,
-               dtype: torch.dtype | None = None) -> Loaded:
-    """Load `name` (preset, local directory, or hub id) for `task`."""
+               dtype: torch.dtype | None = None, head: str | None = None) -> Loaded:
+    """Load `name` (preset, local directory, or hub id) for `task`, with the task's default head
+    or, when given, `head` (one of HEADS)."""
+    head = head or default_head(task)
     if name in TINY_PRESETS:
-        return build_preset(name, task, labels)
+        return build_preset(name, task, labels, head)
     path = minilm_path() if name == "minilm" else name
     from transformers import AutoTokenizer
 
@@ -181,17 +212,28 @@ def load_model(name: str, task: str, labels: list[str] | None = None,
     if not is_local and (os.path.sep in name and os.path.exists(os.path.dirname(name) or ".")
                          and name.startswith((".", "/"))):
         raise ModelError(f"model '{name}': no such directory")
-    kwargs = _label_kwargs(task, labels)
+    kwargs = _label_kwargs(head, labels)
     if dtype is not None:
         kwargs["dtype"] = dtype
+    # weights missing from the checkpoint are drawn at random: for a new classification head from the
+    # run's seed (train.seed); for an LM head (not new by design, and not saved by LoRA) from a fixed
+    # seed, so `memtune eval RUN_DIR` rebuilds the same base in another process
+    seeded = head != SEQUENCE_CLASSIFIER
     try:
-        with _quiet_transformers():  # a new classification head is expected, not worth a load report
-            model = _auto_class(task).from_pretrained(path, **kwargs)
+        with _quiet_transformers(), torch.random.fork_rng(devices=[], enabled=seeded):
+            if seeded:
+                torch.manual_seed(PRESET_SEED)
+            model, info = _auto_class(head).from_pretrained(path, output_loading_info=True, **kwargs)
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         where = "local directory" if is_local else "hub id (offline or not found?)"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"model '{name}': cannot load as a {task} model from {where}: {first}") from None
+        raise ModelError(f"model '{name}': cannot load as a {head} model from {where}: {first}") from None
+    if head != SEQUENCE_CLASSIFIER and info.get("missing_keys"):
+        # an LM head is not new by design: without pretrained weights its token scores are noise
+        missing = sorted(info["missing_keys"])
+        log.warning("model '%s': %d weights of the %s head are not in the checkpoint and were randomly "
+                    "initialized (e.g. %s)", name, len(missing), head, ", ".join(missing[:3]))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
@@ -227,5 +269,5 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
-def model_kind(task: str) -> Callable:
-    return _auto_class(task)
+def model_kind(task: str, head: str | None = None) -> Callable:
+    return _auto_class(head or default_head(task))

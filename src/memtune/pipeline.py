@@ -9,6 +9,7 @@ every command.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager
@@ -20,10 +21,13 @@ from .adapters import ADAPTERS, AdapterMethod, method_for_saved
 from .data import TokenizedData, infer_labels, load_data, read_records
 from .data.readers import Record
 from .errors import ConfigError
-from .models import CLASSIFICATION, load_model
+from .models import CLASSIFICATION, default_head, load_model
+from .prompting import PromptClassificationTask, check_label_words
 from .recipe import Recipe
 from .storage import STORAGE, BaseStorage
 from .tasks import TASKS, Task
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,6 +40,7 @@ class Run:
     storage: BaseStorage
     device: torch.device
     tokentune: object | None = None  # memtune.gradient.tokentune.TokenTune when the recipe asks for it
+    classifier_init: dict | None = None  # what memtune.classifier_init did to the head (training runs)
 
     @property
     def train_task(self) -> Task:
@@ -59,8 +64,10 @@ class Run:
 
     def load_data(self, spec: str, split: str, records: list[Record] | None = None) -> TokenizedData:
         d = self.recipe.data
+        # a prompt renders classification records through its template
+        encode = self.task.encode if isinstance(self.task, PromptClassificationTask) else None
         return load_data(spec, task=self.recipe.task, fmt=d.format, tokenizer=self.tokenizer,
-                         max_length=d.max_length, labels=d.labels, split=split, records=records)
+                         max_length=d.max_length, labels=d.labels, split=split, records=records, encode=encode)
 
     def batches(self, data: TokenizedData, batch_size: int):
         from .data import collate
@@ -102,21 +109,35 @@ def resolve_labels(recipe: Recipe, train_records: list[Record] | None) -> None:
 def build_run(recipe: Recipe, train_records: list[Record] | None = None,
               adapter_path: str | Path | None = None, for_training: bool = False) -> Run:
     """Model + storage + trainable part on the target device. `adapter_path` (or recipe.adapter.path)
-    loads a saved artifact onto the attached method."""
+    loads a saved artifact onto the attached method. With `for_training`, `classifier_init` runs on
+    `train_records`."""
     resolve_labels(recipe, train_records)
+    if recipe.prompt is not None:
+        check_label_words(recipe.prompt, recipe.data.labels)
+    # a prompt classifies through an LM head; adapters then treat the model as the LM it is (LoRA
+    # leaves the LM head frozen and writes that task type), not as a classifier with a new head
+    head = recipe.prompt.head if recipe.prompt is not None else default_head(recipe.task)
+    adapter_task = head if recipe.prompt is not None else recipe.task
     storage = STORAGE.get(recipe.quantize.kind)(recipe.quantize)
-    loaded = load_model(recipe.model, recipe.task, recipe.data.labels, dtype=storage.load_dtype())
+    loaded = load_model(recipe.model, recipe.task, recipe.data.labels, dtype=storage.load_dtype(), head=head)
     model = loaded.model
+    if recipe.prompt is not None:  # checks the label words against the tokenizer
+        task = PromptClassificationTask(recipe.prompt, loaded.tokenizer, recipe.data.labels, recipe.data.max_length)
+    else:
+        task = TASKS[recipe.task]()
     storage.apply(model)
     path = adapter_path or recipe.adapter.path
+    if for_training and path and recipe.classifier_init is not None:
+        raise ConfigError("classifier_init with adapter.path: the loaded artifact already holds a trained head, "
+                          "which the initialization would overwrite. Use one of them")
     if path and recipe.adapter.kind != "full":
-        method = method_for_saved(path, recipe.task)
+        method = method_for_saved(path, adapter_task)
         if type(method) is not ADAPTERS.get(recipe.adapter.kind):
             raise ConfigError(f"adapter.path: {path} holds a {method.peft_type} adapter, but adapter.kind is "
                               f"'{recipe.adapter.kind}'")
         recipe.adapter = method.config
     else:
-        method = ADAPTERS.get(recipe.adapter.kind)(recipe.adapter, recipe.task)
+        method = ADAPTERS.get(recipe.adapter.kind)(recipe.adapter, adapter_task)
     method.attach(model)
     if path:
         method.load(model, Path(path))
@@ -132,12 +153,39 @@ def build_run(recipe: Recipe, train_records: list[Record] | None = None,
         model.config.use_cache = False
     device = pick_device(recipe.train.device)
     model.to(device)
-    run = Run(recipe, model, loaded.tokenizer, TASKS[recipe.task](), method, storage, device)
+    run = Run(recipe, model, loaded.tokenizer, task, method, storage, device)
+    if for_training and recipe.classifier_init is not None:
+        if train_records is None:
+            raise ConfigError("classifier_init: needs the training data (data.train) to compute class centroids")
+        run.classifier_init = init_classifier(run, train_records)
     if for_training and recipe.tokentune is not None:
         from .gradient.tokentune import TokenTune
 
         run.tokentune = TokenTune(recipe.tokentune, model, loaded.tokenizer.pad_token_id, recipe.task)
     return run
+
+
+def init_classifier(run: Run, train_records: list[Record]) -> dict:
+    """`classifier_init:`: the head's last Linear from class centroids of the first
+    `examples_per_class` training examples of each class (see memtune.classifier_init)."""
+    from .classifier_init import classifier_layer, first_per_class, init_classifier_from_centroids
+
+    cfg, labels = run.recipe.classifier_init, run.recipe.data.labels
+    name, layer = classifier_layer(run.model, len(labels))
+    if not all(p.requires_grad for p in layer.parameters()):
+        raise ConfigError(f"classifier_init: the head '{name}' does not train under adapter.kind="
+                          f"{run.recipe.adapter.kind}, so its initialization would not be saved with the run "
+                          f"(train it, e.g. adapter.modules_to_save=[{name.split('.')[0]}])")
+    data = run.load_data(run.recipe.data.train or "train", run.recipe.data.split, train_records)
+    chosen = TokenizedData(first_per_class(data.examples, cfg.examples_per_class, len(labels)), data.format,
+                           data.source)
+    bs = run.recipe.train.eval_batch_size or run.recipe.train.batch_size
+    report = init_classifier_from_centroids(run.model, run.batches(chosen, bs), len(labels))
+    log.info("classifier_init: '%s' set to class centroids (examples per class: %s); %s", report["layer"],
+             dict(zip(labels, report["examples_per_class"])),
+             "bias = -|mu|^2/2: nearest-centroid logits" if report["bias"] else
+             "the layer has no bias, so -|mu|^2/2 is left out (dot-product logits)")
+    return report
 
 
 def read_train_records(recipe: Recipe) -> list[Record]:

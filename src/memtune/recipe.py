@@ -120,6 +120,8 @@ class Recipe:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tokentune: Any = None  # gradient-axis option: backprop through k selected tokens (see OPTIONAL)
+    prompt: Any = None  # classification through an LM head: template + label words (memtune.prompting)
+    classifier_init: Any = None  # classification head from class centroids (memtune.classifier_init)
     output_dir: str = "runs/latest"
 
     def to_dict(self) -> dict[str, Any]:

@@ -21,7 +21,9 @@ from ..errors import ModelError
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-TASK_TYPES = {"causal-lm": "CAUSAL_LM", "classification": "SEQ_CLS"}
+# PEFT's task_type per model head; PEFT has none for masked LMs (prompt-based classification with
+# BERT-style models), whose adapters load as a plain PeftModel
+TASK_TYPES = {"causal-lm": "CAUSAL_LM", "classification": "SEQ_CLS", "masked-lm": None}
 
 
 def write_adapter(out: Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -27,8 +28,12 @@ class TokenizedData:
 
 
 def load_data(spec: str, *, task: str, fmt: str, tokenizer, max_length: int, labels: list[str] | None = None,
-              split: str = "train", records: list[Record] | None = None) -> TokenizedData:
-    """Read `spec` and tokenize every record. Errors name the file and line of the bad record."""
+              split: str = "train", records: list[Record] | None = None,
+              encode: Callable[[str, str | None, str], dict] | None = None) -> TokenizedData:
+    """Read `spec` and tokenize every record. Errors name the file and line of the bad record.
+
+    `encode` (classification only): (text, text_pair, where) -> token fields, instead of the
+    tokenizer's pair encoding (prompt templates use it)."""
     records = records if records is not None else read_records(spec, split)
     if fmt == "auto":
         fmt = detect_format(records, task, spec)
@@ -38,7 +43,7 @@ def load_data(spec: str, *, task: str, fmt: str, tokenizer, max_length: int, lab
         if labels is None:
             raise DataError(f"{spec}: classification needs label names")
         label_map = LabelMap(labels)
-        examples = [classification_example(r, tokenizer, max_length, label_map) for r in records]
+        examples = [classification_example(r, tokenizer, max_length, label_map, encode) for r in records]
     else:
         build = BUILDERS[fmt]
         for r in records:

@@ -11,7 +11,7 @@ trainer shifts labels by one. Classification examples are {"input_ids", "token_t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import DataError
 from .readers import Record
@@ -193,7 +193,10 @@ def infer_labels(records: list[Record], source: str) -> list[str]:
     return names
 
 
-def classification_example(rec: Record, tok, max_length: int, labels: LabelMap) -> dict:
+def classification_example(rec: Record, tok, max_length: int, labels: LabelMap,
+                           encode: Callable[[str, str | None, str], dict] | None = None) -> dict:
+    """`encode(text, text_pair, where)` -> token fields replaces the tokenizer's own (truncating)
+    pair encoding, e.g. to render a prompt template (memtune.prompting)."""
     tkey = _first_key(rec.fields, TEXT_KEYS)
     if tkey is None:
         raise DataError(f"{rec.where}: missing text field (expected one of: {', '.join(TEXT_KEYS)}; "
@@ -204,8 +207,11 @@ def classification_example(rec: Record, tok, max_length: int, labels: LabelMap) 
     text = _need_str(rec, tkey)
     pkey = _first_key(rec.fields, PAIR_KEYS)
     pair = _need_str(rec, pkey) if pkey else None
+    label = labels.id_of(rec.fields[lkey], rec.where)
+    if encode is not None:
+        return {**encode(text, pair, rec.where), "label": label}
     enc = tok(text, pair, truncation=True, max_length=max_length)
-    ex = {"input_ids": list(enc["input_ids"]), "label": labels.id_of(rec.fields[lkey], rec.where)}
+    ex = {"input_ids": list(enc["input_ids"]), "label": label}
     if "token_type_ids" in enc:
         ex["token_type_ids"] = list(enc["token_type_ids"])
     return ex
