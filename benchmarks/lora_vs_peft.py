@@ -5,8 +5,9 @@
 
 Each method gets an identical copy of the model, the same AdamW settings and the same batch.
 Memory is measured by memtune's tracker for all three (the same instrument), over two optimizer
-steps. Step time is the median over `rounds` interleaved rounds (memtune, PEFT, full, memtune, ...)
-after warm-up, so slow drifts of the machine hit every method alike. Writes
+steps. Step time is the median over `rounds` interleaved rounds of all three methods
+after warm-up, in an order rotated each round, so slow drifts of the machine and the cost of
+following another method hit every method alike. Writes
 benchmarks/results/lora_vs_peft-<model>.json.
 """
 
@@ -110,8 +111,10 @@ def main() -> None:
             step(*setups[k], task, batch, ctx)
     sync(device)
     times = {k: [] for k in kinds}
-    for _ in range(args.rounds):
-        for k in kinds:
+    for i in range(args.rounds):
+        # rotate the order each round: whichever method follows full FT's large free pays the
+        # allocator's page faults, so every method takes every position equally often
+        for k in kinds[i % 3:] + kinds[:i % 3]:
             t0 = time.perf_counter()
             step(*setups[k], task, batch, ctx)
             sync(device)

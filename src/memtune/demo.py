@@ -1,4 +1,4 @@
-"""`memtune demo`: full fine-tuning vs LoRA vs TokenTune on the pretrained MiniLM-L6, side by side.
+"""`memtune demo`: full fine-tuning vs LoRA vs TokenTune vs MeZO on the pretrained MiniLM-L6, side by side.
 
 Both runs use the same data, batch, seed and number of steps; the table shows what each trains,
 the memory measured by category during training, and accuracy before and after. With no
@@ -29,6 +29,10 @@ METHODS: dict[str, list[str]] = {
              "optimizer.lr=1e-3"],
     "full+tokentune": ["adapter.kind=full", "optimizer.lr=1e-4", "optimizer.weight_decay=0.01",
                        "tokentune.select=8"],
+    # zeroth-order: two forwards per step, no backward; starts from a centroid-initialized head
+    "mezo": ["adapter.kind=full", "optimizer.kind=mezo", "optimizer.lr=1e-5", "optimizer.eps=1e-3",
+             "classifier_init.examples_per_class=16", "train.schedule=constant", "train.warmup_steps=0",
+             "train.max_steps=100"],
 }
 CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "peak")
 
