@@ -6,7 +6,7 @@ Same model weights, same batch (tiny-llama: 4 x 512 tokens; pretrained MiniLM: 1
 measured by memtune's tracker. "inference" is one forward plus the loss under inference_mode (what
 MeZO runs twice per step); the MeZO rows are full-parameter and LoRA (r=8, all-linear) steps; the
 AdamW rows are ordinary backprop steps at steady state (second step). Time per step is the median
-of 5 after 2 warm-ups. Writes benchmarks/results/mezo_memory[-cuda].json.
+of the last 3 of 5 timed steps (after the 2 measured ones). Writes benchmarks/results/mezo_memory[-cuda].json.
 """
 
 from __future__ import annotations
