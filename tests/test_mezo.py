@@ -306,3 +306,12 @@ def test_replay_command_rebuilds_the_trained_artifact(tmp_path, extra):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert main(["replay", str(run_dir), "--to", str(tmp_path / "replayed")]) == 2  # not empty: refused
+
+
+@pytest.mark.parametrize("objective", ["ce", "accuracy"])
+def test_mezo_trains_a_prompt_classifier_through_its_label_word_scores(tmp_path, objective):
+    s = train(load_recipe(ROOT / "examples" / "tiny-llama-sentiment-prompt-mezo-lora.yaml",
+                          [f"optimizer.objective={objective}", "train.max_steps=3", "optimizer.trajectory=false"]
+                          + base_overrides(tmp_path / "run")))
+    assert s["gradient"]["rule"] == "mezo" and s["gradient"]["objective"] == objective
+    assert s["memory_bytes"]["gradients"] == 0 and "accuracy" in s["eval"]
