@@ -31,6 +31,9 @@ def check_combination(r: "_recipe.Recipe") -> None:
         if r.train.gradient_checkpointing:
             raise ConfigError(f"train.gradient_checkpointing with optimizer.kind={r.optimizer.kind}: it runs no "
                               f"backward pass, so there are no activations to checkpoint")
+    if getattr(r.optimizer, "objective", "ce") in ("accuracy", "f1") and r.task != "classification":
+        raise ConfigError(f"optimizer.objective={r.optimizer.objective}: needs task=classification (predicted "
+                          f"classes), got task={r.task}")
     if r.tokentune is not None:
         if not OPTIMIZERS.get(r.optimizer.kind).uses_backprop:
             raise ConfigError(f"tokentune with optimizer.kind={r.optimizer.kind}: TokenTune selects which tokens "
