@@ -1,5 +1,6 @@
 """`memtune merge RUN_DIR --to DIR`: fold the trained adapter into the base and save a plain
-transformers model (with its tokenizer) that `AutoModel*.from_pretrained` loads without memtune."""
+transformers model (with its tokenizer) that `AutoModel*.from_pretrained` loads without memtune.
+A quantized base (NF4) is first dequantized exactly, so the merged model equals the adapter model."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ def merge(run_dir: str, to: str, overrides: list[str] = ()) -> Path:
         raise MemtuneError(f"{run_dir}: no such run directory")
     run = load_for_eval(run_dir, list(overrides))
     with torch.no_grad():
+        if run.storage.quantized:  # merge into the exact dequantized base (lossless w.r.t. the trained model)
+            run.storage.dequantize(run.model)
         model = run.method.merged(run.model)
     model.to("cpu")
     model.save_pretrained(out)

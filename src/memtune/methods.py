@@ -24,6 +24,9 @@ def check_combination(r: "_recipe.Recipe") -> None:
     """Reject combinations of axis values that cannot work, saying why."""
     if r.train.precision == "bf16" and getattr(r.quantize, "dtype", "auto") == "fp16":
         raise ConfigError("train.precision=bf16 with quantize.dtype=fp16: pick one half-precision type")
+    if STORAGE.get(r.quantize.kind).quantized and r.adapter.kind == "full":
+        raise ConfigError(f"quantize.kind={r.quantize.kind} with adapter.kind=full: a quantized base is frozen "
+                          f"(its weights are codes, not floats); train an adapter over it, e.g. adapter.kind=lora")
     if not OPTIMIZERS.get(r.optimizer.kind).uses_backprop:
         if r.train.grad_accum != 1:
             raise ConfigError(f"train.grad_accum={r.train.grad_accum} with optimizer.kind={r.optimizer.kind}: a "

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError, MemtuneError, ModelError
 from ..models import CLASSIFICATION, head_modules
 from ..recipe import AdapterConfig
 from .base import ADAPTERS, AdapterMethod, set_trainable
@@ -114,6 +114,9 @@ class LoraLinear(nn.Module):
     def merge(self) -> None:
         if not self.merged:
             w = self.base_layer.weight
+            if not w.is_floating_point():
+                raise MemtuneError(f"merge: the base layer is quantized ({type(self.base_layer).__name__}); "
+                                   f"dequantize the base first (memtune merge does)")
             w.add_(self.delta_weight().to(w.dtype))
             self.merged = True
 

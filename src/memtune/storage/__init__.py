@@ -4,6 +4,7 @@ A storage is applied to the loaded model before the trainable part is attached, 
 wraps whatever the storage left in place (a plain Linear here; quantized layers later). Values:
 
     none   weights as loaded, optionally cast (`dtype: bf16` halves frozen-weight bytes)
+    nf4    4-bit NormalFloat with double quantization (QLoRA), through bitsandbytes (nf4.py)
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class BaseStorage(ABC):
+    quantized = False  # True: frozen weights are not floats (only an adapter can train over them)
+
     def __init__(self, config: StorageConfig) -> None:
         self.config = config
 
@@ -57,3 +60,6 @@ class PlainStorage(BaseStorage):
         dtype = DTYPES.get(self.config.dtype)
         if dtype is not None:
             model.to(dtype)
+
+
+from . import nf4  # noqa: E402,F401  (registration)

@@ -1,0 +1,127 @@
+"""NF4 base storage (QLoRA, Dettmers et al. 2023) through bitsandbytes' `Linear4bit`.
+
+Every linear layer of the base except the output head(s) becomes a `bnb.nn.Linear4bit`: weights in
+blocks of 64, each block scaled by its absmax and rounded to the nearest of the 16 NF4 values
+(quantiles of N(0, 1), normalized to [-1, 1]), two 4-bit codes per byte. With `double_quant` the
+fp32 absmax constants are themselves quantized to 8 bits in blocks of 256 (plus one fp32 scale per
+block), so a weight costs 4 + 8/64 + 32/(64*256) = 4.127 bits. Embeddings, norms and heads keep
+their dtype. Forward: y = x dequant(W)^T + b, computed in `compute_dtype`.
+
+Why bitsandbytes: it is the reference implementation (CUDA and, in current releases, CPU kernels),
+so the packed codes and constants are bitsandbytes' own by construction (tests check them against
+`bitsandbytes.functional.quantize_4bit`). Our part is only the layer walk and the round trip back
+to full precision for merging.
+
+Conversion runs one layer at a time: each layer's full-precision weight is released as soon as its
+4-bit copy exists, so converting adds one layer's bytes. The model itself is still loaded in full
+precision first (not quantized while the checkpoint is read).
+GPT-2's Conv1D (weights stored (in, out)) is converted through its transpose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..models import head_modules, is_linear
+from ..recipe import StorageConfig
+from . import DTYPES, STORAGE, BaseStorage
+
+BLOCKSIZE = 64
+
+
+@dataclass
+class NF4Config(StorageConfig):
+    kind: str = "nf4"
+    double_quant: bool = True  # 8-bit absmax constants in blocks of 256
+    compute_dtype: Literal["fp32", "bf16"] = "fp32"
+
+
+def _bnb():
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ConfigError("quantize.kind=nf4: needs the bitsandbytes package (pip install bitsandbytes)") from None
+    return bnb
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def is_4bit(module: nn.Module) -> bool:
+    return type(module).__name__ == "Linear4bit"
+
+
+@STORAGE.register("nf4", NF4Config)
+class NF4Storage(BaseStorage):
+    config: NF4Config
+    quantized = True
+
+    def apply(self, model: nn.Module) -> None:
+        bnb = _bnb()
+        head_ids = {id(m) for h in head_modules(model).values() for m in h.modules()}
+        names = [n for n, m in model.named_modules() if is_linear(m) and id(m) not in head_ids and not is_4bit(m)]
+        compute = DTYPES[self.config.compute_dtype]
+        for name in names:  # one layer at a time
+            old = model.get_submodule(name)
+            w = old.weight.data
+            if type(old).__name__ == "Conv1D":  # (in, out) -> (out, in)
+                w = w.T
+            d_out, d_in = w.shape
+            new = bnb.nn.Linear4bit(d_in, d_out, bias=old.bias is not None, compute_dtype=compute,
+                                    compress_statistics=self.config.double_quant, quant_type="nf4",
+                                    device="meta")
+            new.weight = bnb.nn.Params4bit(w.contiguous().float(), requires_grad=False, quant_type="nf4",
+                                           compress_statistics=self.config.double_quant, blocksize=BLOCKSIZE)
+            if old.bias is not None:
+                new.bias = nn.Parameter(old.bias.data.clone(), requires_grad=False)
+            new = new.to(w.device if w.device.type != "meta" else "cpu")  # quantizes
+            _set_submodule(model, name, new)
+            del old, w
+        if not names:
+            raise ConfigError("quantize.kind=nf4: the model has no linear layers outside its head to quantize")
+        self.count = len(names)
+
+    def dequantize(self, model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
+        """Replace every Linear4bit by an nn.Linear holding its exact dequantized weight (for merging)."""
+        import bitsandbytes.functional as F
+
+        names = [n for n, m in model.named_modules() if is_4bit(m)]
+        for name in names:
+            q = model.get_submodule(name)
+            w = F.dequantize_4bit(q.weight.data, q.weight.quant_state).to(dtype)  # (out, in)
+            lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=w.device, dtype=dtype)
+            lin.weight.data.copy_(w)
+            if q.bias is not None:
+                lin.bias.data.copy_(q.bias.data.to(dtype))
+            lin.requires_grad_(False)
+            _set_submodule(model, name, lin)
+        return len(names)
+
+    def describe(self) -> dict:
+        return {"kind": "nf4", "blocksize": BLOCKSIZE, "double_quant": self.config.double_quant,
+                "compute_dtype": self.config.compute_dtype, "quantized_layers": getattr(self, "count", None)}
+
+
+def quantized_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of 4-bit codes + all quantization constants, weights they encode) over the Linear4bit layers."""
+    total, params = 0, 0
+
+    def nbytes(t) -> int:
+        return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+    for m in model.modules():
+        if not is_4bit(m):
+            continue
+        st = m.weight.quant_state
+        total += nbytes(m.weight.data) + nbytes(st.absmax)  # (the 16-value NF4 code table is shared)
+        if st.nested:
+            total += nbytes(st.state2.absmax) + nbytes(st.offset)
+        params += m.in_features * m.out_features
+    return total, params
