@@ -124,3 +124,20 @@ def test_qlora_merge_equals_the_adapter_model(tmp_path):
 def test_full_fine_tuning_over_a_4bit_base_is_rejected():
     with pytest.raises(ConfigError, match="quantized base is frozen"):
         load_recipe(None, ["model=tiny-llama", "quantize.kind=nf4", "adapter.kind=full"])
+
+
+def test_tracker_counts_codes_and_their_constants_as_frozen_parameters():
+    from memtune.memory.tracker import MemoryTracker
+
+    m = quantize(build_preset("tiny-llama", "causal-lm").model).requires_grad_(False)
+    tensors = list(m.parameters())
+    for mod in m.modules():
+        if is_4bit(mod):
+            st = mod.weight.quant_state
+            tensors += [st.absmax, st.code, st.offset, st.state2.absmax, st.state2.code]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    tracker = MemoryTracker(m)
+    ids = torch.randint(3, 250, (1, 8))
+    with tracker.measure(ids), torch.no_grad():
+        m(input_ids=ids)
+    assert tracker.report().parameters_frozen == sum(storages.values())

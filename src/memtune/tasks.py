@@ -25,6 +25,13 @@ def model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
 
 
+def _keeps_logits(model: nn.Module) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs do)."""
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
 class Task(ABC):
     name: str
 
@@ -66,13 +73,18 @@ class CausalLMTask(Task):
         return int((batch["labels"][:, 1:] != IGNORE).sum())
 
     def loss_sum(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-        logits = model(**model_inputs(batch)).logits  # (B, T, V)
         # position t predicts token t+1; only positions with a target enter the loss, so the
         # log-softmax saved for backward is (N_targets, V), not (B*T, V)
         labels = batch["labels"][:, 1:]  # (B, T-1)
         keep = labels != IGNORE
-        picked = logits[:, :-1][keep].float()  # (N, V)
-        return F.cross_entropy(picked, labels[keep], reduction="sum"), {}
+        # columns before the first target (prompts; TokenTune's unselected stream) need no logits:
+        # the model computes the LM head only for columns first..T-1 (transformers' logits_to_keep)
+        cols = keep.any(0).nonzero()
+        first = int(cols[0]) if len(cols) and _keeps_logits(model) else 0
+        extra = {"logits_to_keep": labels.shape[1] + 1 - first} if first else {}
+        logits = model(**model_inputs(batch), **extra).logits  # (B, T - first, V)
+        picked = logits[:, :-1][keep[:, first:]].float()  # (N, V)
+        return F.cross_entropy(picked, labels[:, first:][keep[:, first:]], reduction="sum"), {}
 
     def finish_eval(self, total: float, count: int, stats: dict) -> dict:
         out = super().finish_eval(total, count, stats)

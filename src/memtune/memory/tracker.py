@@ -3,7 +3,7 @@
 Categories (the memtune summary contract; every number is in bytes, each storage counted once):
 
 - ``parameters_trainable`` / ``parameters_frozen``: storages of the model's parameters that do / do
-  not require grad. Tied weights share one storage and are counted once; a storage shared by a
+  not require grad (for 4-bit parameters, the codes plus their quantization constants). Tied weights share one storage and are counted once; a storage shared by a
   trainable and a frozen parameter counts as trainable.
 - ``buffers``: storages of the model's buffers that are not also parameter storages.
 - ``gradients``: storages of ``p.grad`` over all parameters, the most at any sample (sampled at the
@@ -284,7 +284,9 @@ class MemoryTracker:
     def _register_model(self) -> None:
         self._params = list(self.model.parameters())
         trainable, t_keys = self._unique_bytes([p for p in self._params if p.requires_grad])
-        frozen, f_keys = self._unique_bytes([p for p in self._params if not p.requires_grad], t_keys)
+        frozen_tensors = [p for p in self._params if not p.requires_grad]
+        frozen_tensors += [t for p in frozen_tensors for t in _quantization_constants(p)]
+        frozen, f_keys = self._unique_bytes(frozen_tensors, t_keys)
         buffers, b_keys = self._unique_bytes(list(self.model.buffers()), t_keys | f_keys)
         self._weights = t_keys | f_keys | b_keys
         self._bump("parameters_trainable", trainable)
@@ -342,6 +344,17 @@ class MemoryTracker:
                 if entry[0] == 0:
                     del self._saved[key]
                     self._saved_live -= entry[1]
+
+
+def _quantization_constants(p: torch.Tensor) -> list[torch.Tensor]:
+    """Tensors a quantized parameter carries beside its codes (bitsandbytes' QuantState: absmax,
+    the code table, and the nested state of double quantization); they count as frozen weights."""
+    out, st = [], getattr(p, "quant_state", None)
+    while st is not None:
+        out += [t for t in (getattr(st, "absmax", None), getattr(st, "code", None), getattr(st, "offset", None))
+                if isinstance(t, torch.Tensor)]
+        st = getattr(st, "state2", None)
+    return out
 
 
 def measure_step(model: torch.nn.Module, fn: Callable[[], Any],

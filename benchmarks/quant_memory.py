@@ -1,0 +1,130 @@
+"""Quantized bases: training memory by category for full FT, LoRA, QLoRA and QLoRA + TokenTune.
+
+    python benchmarks/quant_memory.py [--device auto|cpu|cuda] [--seq 512] [--batch 4]
+
+The model is tiny-llama's architecture scaled up (8 layers, hidden 1024, intermediate 2816, 16
+heads / 8 KV heads, vocab 32000, random init). One AdamW step at steady state per method, same
+batch, measured by memtune's tracker (4-bit codes and their quantization constants count as frozen
+parameters). Also reports the bytes per quantized weight, constants included. Writes
+benchmarks/results/quant_memory[-cuda].json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, mib, pick_device, save, sync, table  # noqa: E402
+
+from memtune.adapters import ADAPTERS  # noqa: E402
+from memtune.adapters.lora import LoraConfig  # noqa: E402
+from memtune.gradient.backprop import AdamWConfig, Backprop  # noqa: E402
+from memtune.gradient.tokentune import TokenTune, TokenTuneConfig  # noqa: E402
+from memtune.memory.tracker import MemoryTracker  # noqa: E402
+from memtune.recipe import TrainConfig  # noqa: E402
+from memtune.storage import STORAGE  # noqa: E402
+from memtune.storage.nf4 import NF4Config, quantized_bytes  # noqa: E402
+from memtune.tasks import CausalLMTask  # noqa: E402
+
+METHODS = ["full", "lora", "qlora", "qlora+tokentune(25%)", "lora+tokentune(25%)"]
+CATS = ("parameters", "gradients", "optimizer", "activations", "peak")
+
+
+def base_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                      num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=2048,
+                      tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(cfg)
+
+
+def measure(base, method: str, batch: dict, device) -> dict:
+    model = copy.deepcopy(base)
+    extra = {}
+    if method.startswith("qlora"):
+        storage = STORAGE.get("nf4")(NF4Config())
+        storage.apply(model)
+        codes, weights = quantized_bytes(model)
+        extra = {"quantized_bytes": codes, "quantized_weights": weights, "bytes_per_weight": codes / weights}
+    if method != "full":
+        ADAPTERS.get("lora")(LoraConfig(r=8, alpha=16, targets=["all-linear"]), "causal-lm").attach(model)
+    model.to(device).train()
+    task = CausalLMTask()
+    if "tokentune" in method:
+        task = TokenTune(TokenTuneConfig(select=0.25), model, 0, "causal-lm").wrap(task)
+    rule = Backprop(AdamWConfig(lr=1e-5), model, task, TrainConfig(schedule="constant"), 10, contextlib.nullcontext)
+    tracker = MemoryTracker(model, rule.optimizer)
+    for _ in range(2):
+        with tracker.measure(*batch.values()):
+            rule.step([dict(batch)])
+            sync(device)
+    out = {**tracker.report().to_dict(), **extra}
+    del model, rule, tracker
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=4)
+    args = ap.parse_args()
+    device = pick_device(args.device)
+    base = base_model()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 32000, (args.batch, args.seq), generator=g)
+    batch = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+             "labels": ids.clone().to(device)}
+    rows = []
+    for method in METHODS:
+        m = measure(base, method, batch, device)
+        rows.append({"method": method, **m})
+        print(f"{method}: peak {mib(m['peak'])} MiB", flush=True)
+    full = rows[0]
+    key = "cuda_max_allocated" if device.type == "cuda" else "peak"
+    for r in rows:
+        r["peak_ratio"] = r[key] / full[key]
+    print(f"\nllama 8x1024 (random init), batch {args.batch} x seq {args.seq}, {device}, fp32\n")
+    print(table(["method"] + [f"{c} MiB" for c in CATS] + (["cuda max MiB"] if key != "peak" else [])
+                + ["peak / full FT"],
+                [[r["method"]] + [mib(r[c]) for c in CATS] + ([mib(r[key])] if key != "peak" else [])
+                 + [f"{r['peak_ratio']:.3f}"] for r in rows]))
+    q = next(r for r in rows if r["method"] == "qlora")
+    print(f"\nNF4 + double quant: {q['bytes_per_weight']:.4f} bytes per quantized weight "
+          f"({8 * q['bytes_per_weight']:.3f} bits), constants included")
+    name = "quant_memory" + ("-cuda" if device.type == "cuda" else "")
+    path = save(name, {"args": vars(args), "rows": rows})
+    plot(rows, RESULTS / f"{name}.png")
+    print(f"wrote {path}")
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    from memtune.plots import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 3.8), dpi=100)
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        ax.bar([j + i * width for j in range(len(CATS))], [r[c] / 2**20 for c in CATS], width, label=r["method"])
+    ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(CATS))], CATS)
+    ax.set_ylabel("MiB (measured)")
+    ax.set_title("training memory by category")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
