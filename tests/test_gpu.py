@@ -62,3 +62,10 @@ def test_tokentune_forward_exact_on_cuda():
         loss, _ = task.loss_sum(m, new)
     (loss / task.count(new)).backward()
     assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+def test_qlora_with_paged_adamw_on_cuda(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    s = train(load_recipe(None, LLAMA + ["quantize.kind=nf4", "adapter.kind=lora", "optimizer.paged=true"]
+                          + base_overrides(tmp_path / "run")))
+    assert s["device"].startswith("cuda") and s["memory_bytes"]["optimizer"] > 0

@@ -141,3 +141,14 @@ def test_tracker_counts_codes_and_their_constants_as_frozen_parameters():
     with tracker.measure(ids), torch.no_grad():
         m(input_ids=ids)
     assert tracker.report().parameters_frozen == sum(storages.values())
+
+
+def test_paged_adamw_on_cpu_says_so_and_uses_ordinary_adamw(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        s = train(load_recipe(None, ["model=tiny-llama", f"data.train={ALPACA}", "quantize.kind=nf4",
+                                     "adapter.kind=lora", "optimizer.paged=true", "train.max_steps=2",
+                                     "train.batch_size=4", "train.device=cpu"] + base_overrides(tmp_path / "r")))
+    assert "nothing to page" in caplog.text
+    assert s["memory_bytes"]["optimizer"] > 0

@@ -12,6 +12,7 @@ Weight decay skips biases and norm weights (tensors with fewer than 2 dimensions
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,8 @@ import torch
 from ..errors import ConfigError
 from ..recipe import OptimizerConfig
 from .base import OPTIMIZERS, StepStats, UpdateRule, schedule_factor
+
+log = logging.getLogger(__name__)
 
 
 def accumulate_gradients(model, task, micro_batches: list[dict], forward_ctx) -> tuple[float, int]:
@@ -41,11 +44,26 @@ class AdamWConfig(OptimizerConfig):
     kind: str = "adamw"
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+    paged: bool = False  # bitsandbytes' paged AdamW (CUDA only: state pages out to CPU under memory pressure)
 
     def check(self, prefix: str) -> None:
         super().check(prefix)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"{prefix}.betas: expected two numbers in [0, 1), got {self.betas}")
+
+
+def _adamw(cfg: AdamWConfig, groups: list[dict], params: list) -> torch.optim.Optimizer:
+    kwargs = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps}
+    if cfg.paged:
+        if params and params[0].is_cuda:
+            try:
+                import bitsandbytes as bnb
+            except ImportError:
+                raise ConfigError("optimizer.paged: needs the bitsandbytes package (pip install bitsandbytes)") from None
+            return bnb.optim.PagedAdamW(groups, **kwargs)
+        log.warning("optimizer.paged: paged optimizers page state between GPU and CPU memory; on %s there is "
+                    "nothing to page, so the ordinary AdamW runs", params[0].device.type if params else "cpu")
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 @OPTIMIZERS.register("adamw", AdamWConfig)
@@ -60,8 +78,7 @@ class Backprop(UpdateRule):
         no_decay = [p for _, p in named if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": self.config.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        self._opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.config.lr,
-                                      betas=tuple(self.config.betas), eps=self.config.eps)
+        self._opt = _adamw(self.config, [g for g in groups if g["params"]], self.params)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self._opt, schedule_factor(self.train_cfg.schedule, self.train_cfg.warmup_steps, self.total_steps))
 
