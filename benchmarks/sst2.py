@@ -3,7 +3,8 @@
     python benchmarks/sst2.py [--sst2 ../shared/data/sst2] [--train-examples 4000] [--epochs 1]
     python benchmarks/sst2.py --suite mezo [--steps 1500]
 
-Suite `backprop` (default): full fine-tuning, LoRA, and both with TokenTune (k=16), each on the same
+Suite `backprop` (default): full fine-tuning, LoRA, both with TokenTune (k=16), and QLoRA (LoRA over
+an NF4 base), each on the same
 random 4,000 training sentences (seed 0) for one epoch at max_length 64, batch 16.
 Suite `mezo`: MeZO (full parameters, LoRA, and full with the accuracy objective) from a classifier
 head initialized at the class centroids of 16 training sentences per class, for a fixed number of
@@ -34,6 +35,7 @@ METHODS = {
     "lora": LORA,
     "full+tokentune(k=16)": FULL + ["tokentune.select=16"],
     "lora+tokentune(k=16)": LORA + ["tokentune.select=16"],
+    "qlora": LORA + ["quantize.kind=nf4"],
 }
 MEZO = ["optimizer.kind=mezo", "classifier_init.examples_per_class=16", "train.schedule=constant",
         "train.warmup_steps=0"]
@@ -93,7 +95,17 @@ def main() -> None:
                   f"{r['dev_accuracy']:.4f}", r["steps"], f"{r['seconds_per_step']:.3f}", f"{r['wall_seconds']:.0f}",
                   mib(r["memory_bytes"]["gradients"]), mib(r["memory_bytes"]["optimizer"]),
                   mib(r["memory_bytes"]["activations"]), mib(r["memory_bytes"]["peak"])] for r in rows]))
-    path = save("sst2-mezo" if mezo else "sst2", {
+    name = "sst2-mezo" if mezo else "sst2"
+    if args.methods:  # a subset: keep the other methods' rows from the previous results
+        import json
+
+        from common import RESULTS
+
+        old = RESULTS / f"{name}.json"
+        if old.exists():
+            mine = {r["method"] for r in rows}
+            rows = [r for r in json.loads(old.read_text())["rows"] if r["method"] not in mine] + rows
+    path = save(name, {
         "suite": args.suite, "train_examples": args.train_examples, "max_length": 64, "batch_size": 16,
         **({"steps": args.steps} if mezo else {"epochs": args.epochs}), "rows": rows})
     print(f"wrote {path}")
