@@ -3,8 +3,8 @@
     python benchmarks/sst2.py [--sst2 ../shared/data/sst2] [--train-examples 4000] [--epochs 1]
     python benchmarks/sst2.py --suite mezo [--steps 1500]
 
-Suite `backprop` (default): full fine-tuning, LoRA, both with TokenTune (k=16), and QLoRA (LoRA over
-an NF4 base), each on the same
+Suite `backprop` (default): full fine-tuning, LoRA, both with TokenTune (k=16), QLoRA (LoRA over
+an NF4 base) and QA-LoRA (INT4, group 32), each on the same
 random 4,000 training sentences (seed 0) for one epoch at max_length 64, batch 16.
 Suite `mezo`: MeZO (full parameters, LoRA, and full with the accuracy objective) from a classifier
 head initialized at the class centroids of 16 training sentences per class, for a fixed number of
@@ -36,6 +36,8 @@ METHODS = {
     "full+tokentune(k=16)": FULL + ["tokentune.select=16"],
     "lora+tokentune(k=16)": LORA + ["tokentune.select=16"],
     "qlora": LORA + ["quantize.kind=nf4"],
+    "qa-lora(int4,g32)": [("adapter.kind=qalora" if o == "adapter.kind=lora" else o) for o in LORA]
+    + ["quantize.kind=int4", "quantize.bits=4", "quantize.group_size=32"],
 }
 MEZO = ["optimizer.kind=mezo", "classifier_init.examples_per_class=16", "train.schedule=constant",
         "train.warmup_steps=0"]

@@ -1,6 +1,7 @@
 """`memtune merge RUN_DIR --to DIR`: fold the trained adapter into the base and save a plain
 transformers model (with its tokenizer) that `AutoModel*.from_pretrained` loads without memtune.
-A quantized base (NF4) is first dequantized exactly, so the merged model equals the adapter model."""
+A quantized base (NF4) is first dequantized exactly, so the merged model equals the adapter model;
+QA-LoRA instead folds into its INT base's zero points and saves a pure INT model."""
 
 from __future__ import annotations
 
@@ -20,10 +21,15 @@ def merge(run_dir: str, to: str, overrides: list[str] = ()) -> Path:
         raise MemtuneError(f"{run_dir}: no such run directory")
     run = load_for_eval(run_dir, list(overrides))
     with torch.no_grad():
-        if run.storage.quantized:  # merge into the exact dequantized base (lossless w.r.t. the trained model)
+        keep_quantized = getattr(run.method, "merges_into_quantized", False)
+        if run.storage.quantized and not keep_quantized:  # into the exact dequantized base (lossless)
             run.storage.dequantize(run.model)
         model = run.method.merged(run.model)
     model.to("cpu")
+    if keep_quantized:  # QA-LoRA: a pure INT model, read back by memtune.storage.int4.load_quantized
+        from .storage.int4 import save_quantized
+
+        return save_quantized(model, run.tokenizer, out)
     model.save_pretrained(out)
     run.tokenizer.save_pretrained(out)
     return out

@@ -265,8 +265,9 @@ def head_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def is_linear(module: nn.Module) -> bool:
-    """nn.Linear, or GPT-2's Conv1D (weights stored (in, out))."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    """nn.Linear, GPT-2's Conv1D (weights stored (in, out)), or a quantized linear layer of memtune's."""
+    return (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+            or getattr(module, "is_quantized_linear", False))
 
 
 def model_kind(task: str, head: str | None = None) -> Callable:

@@ -154,6 +154,7 @@ class disabled_adapters:
 class LoraMethod(AdapterMethod):
     config: LoraConfig
     peft_type = "LORA"
+    layer_cls = LoraLinear  # the layer injected at each target (QA-LoRA substitutes its own)
 
     @classmethod
     def config_from_file(cls, peft_config: dict, path: Path) -> LoraConfig:
@@ -187,7 +188,7 @@ class LoraMethod(AdapterMethod):
         for name in self.targets:
             r = int(_pattern_value(cfg.rank_pattern, name, cfg.r))
             alpha = float(_pattern_value(cfg.alpha_pattern, name, cfg.alpha))
-            layer = LoraLinear(model.get_submodule(name), r, alpha, cfg.dropout, cfg.rslora)
+            layer = self.layer_cls(model.get_submodule(name), r, alpha, cfg.dropout, cfg.rslora)
             self._fan_in_fan_out = layer.fan_in_fan_out
             set_submodule(model, name, layer)
         for name in self.saved_modules:

@@ -5,6 +5,7 @@ wraps whatever the storage left in place (a plain Linear here; quantized layers 
 
     none   weights as loaded, optionally cast (`dtype: bf16` halves frozen-weight bytes)
     nf4    4-bit NormalFloat with double quantization (QLoRA), through bitsandbytes (nf4.py)
+    int4   group-wise asymmetric INT4/3/2 with float zero points (QA-LoRA's base, int4.py)
 """
 
 from __future__ import annotations
@@ -62,4 +63,4 @@ class PlainStorage(BaseStorage):
             model.to(dtype)
 
 
-from . import nf4  # noqa: E402,F401  (registration)
+from . import int4, nf4  # noqa: E402,F401  (registration)

@@ -1,0 +1,191 @@
+"""Group-wise asymmetric integer base storage (QA-LoRA's base): INT4, INT3 or INT2.
+
+Each linear weight W (d_out, d_in) is cut into groups of `group_size` consecutive inputs per output
+row; group (o, j) holds W[o, j*g:(j+1)*g] and gets its own scale and (float) zero point:
+
+    scale[o, j] = (max - min) / (2^bits - 1)        zero[o, j] = -min / scale[o, j]
+    q[o, i] = clamp(round(W[o, i] / scale + zero), 0, 2^bits - 1)
+    W~[o, i] = (q[o, i] - zero[o, j(i)]) * scale[o, j(i)]
+
+Codes are kept one per byte (uint8, not bit-packed); scales and zeros in fp32, (d_out, d_in/g).
+The float zero point is what lets QA-LoRA fold its update into the quantized model: an update that
+is constant within each group, c[o, j], is absorbed exactly by zero[o, j] -= c[o, j] / scale[o, j]
+(see memtune.adapters.qalora).
+
+Our own code, not a library's: bitsandbytes has no group-wise INT format, and GPTQ/AWQ packages
+need CUDA kernels and calibration data; round-to-nearest group quantization is a few tensor ops.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, ModelError
+from ..models import head_modules, is_linear
+from ..recipe import StorageConfig
+from . import STORAGE, BaseStorage
+
+QUANT_FILE = "memtune_quantization.json"
+
+
+@dataclass
+class IntConfig(StorageConfig):
+    kind: str = "int4"
+    bits: int = 4  # 4, 3 or 2
+    group_size: int = 32  # consecutive inputs sharing one scale and zero
+
+    def check(self, prefix: str) -> None:
+        if self.bits not in (2, 3, 4):
+            raise ConfigError(f"{prefix}.bits: expected 2, 3 or 4, got {self.bits}")
+        if self.group_size < 1:
+            raise ConfigError(f"{prefix}.group_size: expected >= 1, got {self.group_size}")
+
+
+def quantize_groups(w: torch.Tensor, bits: int, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w (d_out, d_in) -> codes (d_out, d_in) uint8, scales and zeros (d_out, d_in/g) fp32."""
+    d_out, d_in = w.shape
+    grouped = w.float().reshape(d_out, d_in // g, g)
+    lo, hi = grouped.amin(-1), grouped.amax(-1)  # (d_out, d_in/g)
+    scale = ((hi - lo) / (2 ** bits - 1)).clamp_min(1e-8)
+    zero = -lo / scale
+    q = torch.clamp(torch.round(grouped / scale[..., None] + zero[..., None]), 0, 2 ** bits - 1)
+    return q.to(torch.uint8).reshape(d_out, d_in), scale, zero
+
+
+class IntLinear(nn.Module):
+    """y = x W~^T + b with W~ dequantized from group-wise integer codes. x (..., d_in) -> (..., d_out)."""
+
+    is_quantized_linear = True
+
+    def __init__(self, d_in: int, d_out: int, bits: int, group_size: int, bias: bool, device=None) -> None:
+        super().__init__()
+        if d_in % group_size:
+            raise ConfigError(f"quantize.group_size={group_size} does not divide a layer's {d_in} inputs")
+        self.in_features, self.out_features, self.bits, self.group_size = d_in, d_out, bits, group_size
+        g = d_in // group_size
+        # frozen Parameters (not buffers), so they count and save as the layer's weights
+        self.qweight = nn.Parameter(torch.zeros(d_out, d_in, dtype=torch.uint8, device=device), requires_grad=False)
+        self.scales = nn.Parameter(torch.ones(d_out, g, device=device), requires_grad=False)
+        self.zeros = nn.Parameter(torch.zeros(d_out, g, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(d_out, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor, bias: torch.Tensor | None, bits: int, group_size: int) -> IntLinear:
+        layer = cls(w.shape[1], w.shape[0], bits, group_size, bias is not None, device=w.device)
+        q, s, z = quantize_groups(w, bits, group_size)
+        layer.qweight.data.copy_(q)
+        layer.scales.data.copy_(s)
+        layer.zeros.data.copy_(z)
+        if bias is not None:
+            layer.bias.data.copy_(bias.float())
+        return layer
+
+    @property
+    def weight(self) -> torch.Tensor:  # what adapters read for device (and find not floating point)
+        return self.qweight
+
+    def dequantized(self) -> torch.Tensor:
+        """W~ (d_out, d_in) in fp32."""
+        g = self.group_size
+        return (self.qweight.float() - self.zeros.repeat_interleave(g, 1)) * self.scales.repeat_interleave(g, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized().to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _targets(model: nn.Module) -> list[str]:
+    head_ids = {id(m) for h in head_modules(model).values() for m in h.modules()}
+    return [n for n, m in model.named_modules()
+            if is_linear(m) and id(m) not in head_ids and not getattr(m, "is_quantized_linear", False)]
+
+
+@STORAGE.register("int4", IntConfig)
+class IntStorage(BaseStorage):
+    config: IntConfig
+    quantized = True
+
+    def apply(self, model: nn.Module) -> None:
+        names = _targets(model)
+        if not names:
+            raise ConfigError("quantize.kind=int4: the model has no linear layers outside its head to quantize")
+        for name in names:  # one layer at a time
+            old = model.get_submodule(name)
+            w = old.weight.data.T if type(old).__name__ == "Conv1D" else old.weight.data
+            if w.shape[1] % self.config.group_size:
+                raise ConfigError(f"quantize.group_size={self.config.group_size}: does not divide the "
+                                  f"{w.shape[1]} inputs of '{name}'")
+            _set_submodule(model, name, IntLinear.from_weight(w, old.bias, self.config.bits, self.config.group_size))
+        self.count = len(names)
+
+    def dequantize(self, model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
+        """Replace every IntLinear by an nn.Linear holding its dequantized weight."""
+        names = [n for n, m in model.named_modules() if isinstance(m, IntLinear)]
+        for name in names:
+            q = model.get_submodule(name)
+            lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=q.qweight.device,
+                            dtype=dtype)
+            lin.weight.data.copy_(q.dequantized())
+            if q.bias is not None:
+                lin.bias.data.copy_(q.bias)
+            _set_submodule(model, name, lin.requires_grad_(False))
+        return len(names)
+
+    def describe(self) -> dict:
+        return {"kind": "int4", "bits": self.config.bits, "group_size": self.config.group_size,
+                "quantized_layers": getattr(self, "count", None)}
+
+
+def save_quantized(model: nn.Module, tokenizer, out: Path) -> Path:
+    """A merged INT model: transformers' files (config, safetensors with qweight/scales/zeros) plus
+    memtune_quantization.json listing the quantized layers; `load_quantized` reads it back."""
+    layers = {n: {"bits": m.bits, "group_size": m.group_size, "in": m.in_features, "out": m.out_features,
+                  "bias": m.bias is not None}
+              for n, m in model.named_modules() if isinstance(m, IntLinear)}
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    (Path(out) / QUANT_FILE).write_text(json.dumps({"format": "memtune-int", "layers": layers}, indent=1) + "\n")
+    return Path(out)
+
+
+def load_quantized(path: str | Path, auto_class=None) -> nn.Module:
+    """Rebuild a model saved by `save_quantized` (architecture from config.json, IntLinear layers)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    p = Path(path)
+    meta_file = p / QUANT_FILE
+    if not meta_file.is_file():
+        raise ModelError(f"{p}: no {QUANT_FILE} (not a merged memtune INT model)")
+    meta = json.loads(meta_file.read_text())
+    model = (auto_class or AutoModelForCausalLM).from_config(AutoConfig.from_pretrained(p))
+    for name, spec in meta["layers"].items():
+        _set_submodule(model, name, IntLinear(spec["in"], spec["out"], spec["bits"], spec["group_size"], spec["bias"]))
+    state = {}
+    for f in sorted(p.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not _tied(model, k)]
+    if missing or unexpected:
+        raise ModelError(f"{p}: weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.eval()
+
+
+def _tied(model: nn.Module, key: str) -> bool:
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    return key in tied
