@@ -3,8 +3,9 @@
     python benchmarks/quant_memory.py [--device auto|cpu|cuda] [--seq 512] [--batch 4]
 
 The model is tiny-llama's architecture scaled up (8 layers, hidden 1024, intermediate 2816, 16
-heads / 8 KV heads, vocab 32000, random init). One AdamW step at steady state per method, same
-batch, measured by memtune's tracker (4-bit codes and their quantization constants count as frozen
+heads / 8 KV heads, vocab 32000, random init). Methods: full FT, LoRA, QLoRA (NF4), QLoRA and LoRA
+with TokenTune (25%), QA-LoRA (INT4, group 32); LoRA r=8 on all linear layers. One AdamW step at
+steady state per method, same batch, measured by memtune's tracker (4-bit codes and their quantization constants count as frozen
 parameters). Also reports the bytes per quantized weight, constants included. Writes
 benchmarks/results/quant_memory[-cuda].json and .png.
 """
@@ -29,10 +30,12 @@ from memtune.gradient.tokentune import TokenTune, TokenTuneConfig  # noqa: E402
 from memtune.memory.tracker import MemoryTracker  # noqa: E402
 from memtune.recipe import TrainConfig  # noqa: E402
 from memtune.storage import STORAGE  # noqa: E402
+from memtune.adapters.qalora import QALoraConfig  # noqa: E402
+from memtune.storage.int4 import IntConfig, IntLinear  # noqa: E402
 from memtune.storage.nf4 import NF4Config, quantized_bytes  # noqa: E402
 from memtune.tasks import CausalLMTask  # noqa: E402
 
-METHODS = ["full", "lora", "qlora", "qlora+tokentune(25%)", "lora+tokentune(25%)"]
+METHODS = ["full", "lora", "qlora", "qlora+tokentune(25%)", "lora+tokentune(25%)", "qa-lora(int4,g32)"]
 CATS = ("parameters", "gradients", "optimizer", "activations", "peak")
 
 
@@ -55,7 +58,10 @@ def measure(base, method: str, batch: dict, device) -> dict:
         storage.apply(model)
         codes, weights = quantized_bytes(model)
         extra = {"quantized_bytes": codes, "quantized_weights": weights, "bytes_per_weight": codes / weights}
-    if method != "full":
+    if method.startswith("qa-lora"):
+        STORAGE.get("int4")(IntConfig(bits=4, group_size=32)).apply(model)
+        ADAPTERS.get("qalora")(QALoraConfig(r=8, alpha=16, targets=["all-linear"]), "causal-lm").attach(model)
+    elif method != "full":
         ADAPTERS.get("lora")(LoraConfig(r=8, alpha=16, targets=["all-linear"]), "causal-lm").attach(model)
     model.to(device).train()
     task = CausalLMTask()
@@ -103,10 +109,27 @@ def main() -> None:
     q = next(r for r in rows if r["method"] == "qlora")
     print(f"\nNF4 + double quant: {q['bytes_per_weight']:.4f} bytes per quantized weight "
           f"({8 * q['bytes_per_weight']:.3f} bits), constants included")
+    formats = int_formats()
+    for f in formats:
+        print(f"INT{f['bits']} group {f['group_size']}: {f['bits_stored']:.3f} bits per weight as stored (one code per "
+              f"byte), {f['bits_packed']:.3f} if codes were bit-packed (fp32 scale + zero per group)")
     name = "quant_memory" + ("-cuda" if device.type == "cuda" else "")
-    path = save(name, {"args": vars(args), "rows": rows})
+    path = save(name, {"args": vars(args), "rows": rows, "int_formats": formats})
     plot(rows, RESULTS / f"{name}.png")
     print(f"wrote {path}")
+
+
+def int_formats() -> list[dict]:
+    """Bits per weight of the group-wise INT formats, measured on one 1024x1024 layer."""
+    out = []
+    for bits in (4, 3, 2):
+        for g in (32, 64, 128):
+            q = IntLinear.from_weight(torch.randn(1024, 1024), None, bits, g)
+            consts = (q.scales.numel() + q.zeros.numel()) * 4 * 8
+            n = q.qweight.numel()
+            out.append({"bits": bits, "group_size": g, "bits_stored": (q.qweight.numel() * 8 + consts) / n,
+                        "bits_packed": (n * bits + consts) / n})
+    return out
 
 
 def plot(rows: list[dict], out: Path) -> None:

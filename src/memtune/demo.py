@@ -1,4 +1,5 @@
-"""`memtune demo`: full fine-tuning vs LoRA vs TokenTune vs MeZO on the pretrained MiniLM-L6, side by side.
+"""`memtune demo`: full fine-tuning, LoRA, TokenTune, QLoRA, QA-LoRA and MeZO on the pretrained
+MiniLM-L6, side by side.
 
 Both runs use the same data, batch, seed and number of steps; the table shows what each trains,
 the memory measured by category during training, and accuracy before and after. With no
@@ -29,6 +30,11 @@ METHODS: dict[str, list[str]] = {
              "optimizer.lr=1e-3"],
     "full+tokentune": ["adapter.kind=full", "optimizer.lr=1e-4", "optimizer.weight_decay=0.01",
                        "tokentune.select=8"],
+    # 4-bit bases: LoRA over NF4 (QLoRA), and QA-LoRA over group-wise INT4 (merges back into INT4)
+    "qlora": ["adapter.kind=lora", "adapter.r=8", "adapter.alpha=16", "adapter.targets=all-linear",
+              "optimizer.lr=1e-3", "quantize.kind=nf4"],
+    "qa-lora": ["adapter.kind=qalora", "adapter.r=8", "adapter.alpha=16", "adapter.targets=all-linear",
+                "optimizer.lr=1e-3", "quantize.kind=int4", "quantize.group_size=32"],
     # zeroth-order: two forwards per step, no backward; starts from a centroid-initialized head
     "mezo": ["adapter.kind=full", "optimizer.kind=mezo", "optimizer.lr=1e-5", "optimizer.eps=1e-3",
              "classifier_init.examples_per_class=16", "train.schedule=constant", "train.warmup_steps=0",
