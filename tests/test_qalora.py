@@ -105,3 +105,13 @@ def test_qalora_needs_an_int_base_and_a_dividing_group_size():
         STORAGE.get("int4")(IntConfig(group_size=48)).apply(build_preset("tiny-llama", "causal-lm").model)
     with pytest.raises(ConfigError, match="quantize.bits"):
         load_recipe(None, ["quantize.kind=int4", "quantize.bits=5", "adapter.kind=lora"])
+
+
+def test_tokentune_over_qalora_hooks_the_quantized_projections():
+    from memtune.gradient.tokentune import TokenTune, TokenTuneConfig
+
+    m = quantized_llama()
+    ADAPTERS.get("qalora")(QALoraConfig(r=4), "causal-lm").attach(m)
+    tt = TokenTune(TokenTuneConfig(select=0.5), m, 0, "causal-lm")
+    hooked = {n.rsplit(".", 1)[-1] for n, _ in tt.modules}
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "mlp"} <= hooked

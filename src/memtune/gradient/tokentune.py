@@ -254,6 +254,7 @@ def _is_per_token(m: nn.Module) -> bool:
         return all(_is_per_token(c) for c in children)
     name = type(m).__name__
     return (isinstance(m, PER_TOKEN_LEAVES) or name == "Conv1D" or name.endswith("RMSNorm")
+            or getattr(m, "is_quantized_linear", False)
             or type(m).__module__ in ("transformers.activations", "torch.nn.modules.activation"))
 
 
