@@ -115,3 +115,19 @@ def test_tokentune_over_qalora_hooks_the_quantized_projections():
     tt = TokenTune(TokenTuneConfig(select=0.5), m, 0, "causal-lm")
     hooked = {n.rsplit(".", 1)[-1] for n, _ in tt.modules}
     assert {"q_proj", "k_proj", "v_proj", "o_proj", "mlp"} <= hooked
+
+
+def test_int_linear_backward_matches_autograd_and_keeps_no_dequantized_weight():
+    from memtune.memory.tracker import MemoryTracker
+
+    q = IntLinear.from_weight(torch.randn(24, 64), torch.randn(24), 4, 32)
+    x = torch.randn(3, 64, requires_grad=True)
+    q(x).pow(2).sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    (x2 @ q.dequantized().T + q.bias).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-5)
+    tracker = MemoryTracker(q)
+    x3 = torch.randn(3, 64, requires_grad=True)
+    with tracker.measure(x3):
+        q(x3).sum().backward()
+    assert tracker.report().activations == 0  # a linear output summed: nothing but the layer is needed

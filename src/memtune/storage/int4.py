@@ -96,11 +96,25 @@ class IntLinear(nn.Module):
         return (self.qweight.float() - self.zeros.repeat_interleave(g, 1)) * self.scales.repeat_interleave(g, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantized().to(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        y = _IntMatmul.apply(x, self)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+
+
+class _IntMatmul(torch.autograd.Function):
+    """y = x W~^T that keeps nothing for backward but the layer (its codes are weights already):
+    dL/dx = dL/dy W~ dequantizes again, instead of autograd keeping the fp W~ of every layer."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: IntLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.dequantized().to(x.dtype))  # (..., d_out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ ctx.layer.dequantized().to(grad.dtype), None  # (..., d_in); the codes are frozen
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
