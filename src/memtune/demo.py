@@ -34,7 +34,7 @@ METHODS: dict[str, list[str]] = {
     "qlora": ["adapter.kind=lora", "adapter.r=8", "adapter.alpha=16", "adapter.targets=all-linear",
               "optimizer.lr=1e-3", "quantize.kind=nf4"],
     "qa-lora": ["adapter.kind=qalora", "adapter.r=8", "adapter.alpha=16", "adapter.targets=all-linear",
-                "optimizer.lr=1e-3", "quantize.kind=int4", "quantize.group_size=32"],
+                "optimizer.lr=3e-3", "quantize.kind=int4", "quantize.group_size=32"],
     # zeroth-order: two forwards per step, no backward; starts from a centroid-initialized head
     "mezo": ["adapter.kind=full", "optimizer.kind=mezo", "optimizer.lr=1e-5", "optimizer.eps=1e-3",
              "classifier_init.examples_per_class=16", "train.schedule=constant", "train.warmup_steps=0",
