@@ -64,6 +64,12 @@ def pick_device(spec: str) -> torch.device:
     return torch.device("cuda" if spec == "auto" and torch.cuda.is_available() else ("cpu" if spec == "auto" else spec))
 
 
+def release(device: torch.device) -> None:
+    """Return a measured model's memory to the device before the next measurement."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

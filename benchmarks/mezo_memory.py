@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import llama_sized, mib, pick_device, save, sync, table  # noqa: E402
+from common import llama_sized, mib, pick_device, release, save, sync, table  # noqa: E402
 from tokentune_memory import MODELS, batch_for  # noqa: E402
 
 from memtune.adapters import ADAPTERS  # noqa: E402
@@ -82,8 +82,7 @@ def measure(base, task_name: str, method: str, batch: dict, device) -> dict:
     out = {**tracker.report().to_dict(), "step_seconds": statistics.median(times[2:] if len(times) > 2 else times),
            "largest_trainable_tensor_bytes": largest}
     del model, rule, tracker
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release(device)
     return out
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, mib, pick_device, save, sync, table  # noqa: E402
+from common import RESULTS, mib, pick_device, release, save, sync, table  # noqa: E402
 
 from memtune.adapters import ADAPTERS  # noqa: E402
 from memtune.adapters.lora import LoraConfig  # noqa: E402
@@ -75,8 +75,7 @@ def measure(base, method: str, batch: dict, device) -> dict:
             sync(device)
     out = {**tracker.report().to_dict(), **extra}
     del model, rule, tracker
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release(device)
     return out
 
 

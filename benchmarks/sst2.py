@@ -16,13 +16,14 @@ write benchmarks/results/sst2[-mezo].json.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import mib, save, table  # noqa: E402
+from common import RESULTS, mib, save, table  # noqa: E402
 
 from memtune.data import read_records  # noqa: E402
 from memtune.recipe import build_recipe  # noqa: E402
@@ -99,10 +100,6 @@ def main() -> None:
                   mib(r["memory_bytes"]["activations"]), mib(r["memory_bytes"]["peak"])] for r in rows]))
     name = "sst2-mezo" if mezo else "sst2"
     if args.methods:  # a subset: keep the other methods' rows from the previous results
-        import json
-
-        from common import RESULTS
-
         old = RESULTS / f"{name}.json"
         if old.exists():
             mine = {r["method"] for r in rows}

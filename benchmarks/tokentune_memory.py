@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, autocast, llama_sized, mib, pick_device, save, sync, table  # noqa: E402
+from common import RESULTS, autocast, llama_sized, mib, pick_device, release, save, sync, table  # noqa: E402
 
 from memtune.adapters import ADAPTERS  # noqa: E402
 from memtune.adapters.lora import LoraConfig  # noqa: E402
@@ -79,8 +79,7 @@ def measure(base, task_name: str, adapter: str, select, recompute: bool, batch: 
         times.append(time.perf_counter() - t0)
     report = {**tracker.report().to_dict(), "step_seconds": sorted(times)[1]}
     del model, opt, tracker
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release(device)
     return report
 
 

@@ -9,6 +9,7 @@ normalize over all targets of the accumulated batch (see `memtune.gradient.backp
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from typing import Iterable
 
@@ -27,9 +28,14 @@ def model_inputs(batch: dict) -> dict:
 
 def _keeps_logits(model: nn.Module) -> bool:
     """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs do)."""
+    return _forward_takes(type(model), "logits_to_keep")
+
+
+@functools.cache
+def _forward_takes(cls: type, name: str) -> bool:
     import inspect
 
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    return name in inspect.signature(cls.forward).parameters
 
 
 class Task(ABC):

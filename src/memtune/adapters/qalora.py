@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import ConfigError, ModelError
 from .base import ADAPTERS
-from .lora import LoraConfig, LoraLinear, LoraMethod, lora_layers, set_submodule
+from .lora import LoraConfig, LoraLinear, LoraMethod, lora_layers
 
 
 @dataclass
@@ -83,7 +83,7 @@ class QALoraMethod(LoraMethod):
     config: QALoraConfig
     peft_type = "QALORA"
     layer_cls = QALoraLinear
-    merges_into_quantized = True  # `memtune merge` keeps the INT base (folds into its zeros)
+    merges_into_quantized = True  # `memtune merge` keeps the INT base; LoRA's merged() calls our merge()
 
     @classmethod
     def config_from_file(cls, peft_config: dict, path: Path) -> QALoraConfig:
@@ -97,9 +97,3 @@ class QALoraMethod(LoraMethod):
     def attach(self, model: nn.Module) -> None:
         super().attach(model)
         self._layers = lora_layers(model)
-
-    def merged(self, model: nn.Module) -> nn.Module:
-        for name, layer in lora_layers(model).items():
-            layer.merge()
-            set_submodule(model, name, layer.base_layer)
-        return model

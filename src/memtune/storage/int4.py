@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..adapters.targets import set_submodule
 from ..errors import ConfigError, ModelError
 from ..models import head_modules, is_linear
 from ..recipe import StorageConfig
@@ -117,11 +118,6 @@ class _IntMatmul(torch.autograd.Function):
         return grad @ ctx.layer.dequantized().to(grad.dtype), None  # (..., d_in); the codes are frozen
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def _targets(model: nn.Module) -> list[str]:
     head_ids = {id(m) for h in head_modules(model).values() for m in h.modules()}
     return [n for n, m in model.named_modules()
@@ -143,7 +139,7 @@ class IntStorage(BaseStorage):
             if w.shape[1] % self.config.group_size:
                 raise ConfigError(f"quantize.group_size={self.config.group_size}: does not divide the "
                                   f"{w.shape[1]} inputs of '{name}'")
-            _set_submodule(model, name, IntLinear.from_weight(w, old.bias, self.config.bits, self.config.group_size))
+            set_submodule(model, name, IntLinear.from_weight(w, old.bias, self.config.bits, self.config.group_size))
         self.count = len(names)
 
     def dequantize(self, model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
@@ -156,7 +152,7 @@ class IntStorage(BaseStorage):
             lin.weight.data.copy_(q.dequantized())
             if q.bias is not None:
                 lin.bias.data.copy_(q.bias)
-            _set_submodule(model, name, lin.requires_grad_(False))
+            set_submodule(model, name, lin.requires_grad_(False))
         return len(names)
 
     def describe(self) -> dict:
@@ -189,7 +185,7 @@ def load_quantized(path: str | Path, auto_class=None) -> nn.Module:
     meta = json.loads(meta_file.read_text())
     model = (auto_class or AutoModelForCausalLM).from_config(AutoConfig.from_pretrained(p))
     for name, spec in meta["layers"].items():
-        _set_submodule(model, name, IntLinear(spec["in"], spec["out"], spec["bits"], spec["group_size"], spec["bias"]))
+        set_submodule(model, name, IntLinear(spec["in"], spec["out"], spec["bits"], spec["group_size"], spec["bias"]))
     state = {}
     for f in sorted(p.glob("*.safetensors")):
         state.update(load_file(str(f)))

@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..adapters.targets import set_submodule
 from ..errors import ConfigError
 from ..models import head_modules, is_linear
 from ..recipe import StorageConfig
@@ -47,11 +48,6 @@ def _bnb():
     except ImportError:
         raise ConfigError("quantize.kind=nf4: needs the bitsandbytes package (pip install bitsandbytes)") from None
     return bnb
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def is_4bit(module: nn.Module) -> bool:
@@ -82,7 +78,7 @@ class NF4Storage(BaseStorage):
             if old.bias is not None:
                 new.bias = nn.Parameter(old.bias.data.clone(), requires_grad=False)
             new = new.to(w.device if w.device.type != "meta" else "cpu")  # quantizes
-            _set_submodule(model, name, new)
+            set_submodule(model, name, new)
             del old, w
         if not names:
             raise ConfigError("quantize.kind=nf4: the model has no linear layers outside its head to quantize")
@@ -101,7 +97,7 @@ class NF4Storage(BaseStorage):
             if q.bias is not None:
                 lin.bias.data.copy_(q.bias.data.to(dtype))
             lin.requires_grad_(False)
-            _set_submodule(model, name, lin)
+            set_submodule(model, name, lin)
         return len(names)
 
     def describe(self) -> dict:
