@@ -110,8 +110,8 @@ def main() -> None:
           f"({8 * q['bytes_per_weight']:.3f} bits), constants included")
     formats = int_formats()
     for f in formats:
-        print(f"INT{f['bits']} group {f['group_size']}: {f['bits_stored']:.3f} bits per weight as stored (one code per "
-              f"byte), {f['bits_packed']:.3f} if codes were bit-packed (fp32 scale + zero per group)")
+        print(f"INT{f['bits']} group {f['group_size']}: {f['bits_stored']:.3f} bits per weight as stored (codes "
+              f"bit-packed, fp32 scale + zero per group)")
     name = "quant_memory" + ("-cuda" if device.type == "cuda" else "")
     path = save(name, {"args": vars(args), "rows": rows, "int_formats": formats})
     plot(rows, RESULTS / f"{name}.png")
@@ -125,9 +125,8 @@ def int_formats() -> list[dict]:
         for g in (32, 64, 128):
             q = IntLinear.from_weight(torch.randn(1024, 1024), None, bits, g)
             consts = (q.scales.numel() + q.zeros.numel()) * 4 * 8
-            n = q.qweight.numel()
-            out.append({"bits": bits, "group_size": g, "bits_stored": (q.qweight.numel() * 8 + consts) / n,
-                        "bits_packed": (n * bits + consts) / n})
+            n = q.in_features * q.out_features
+            out.append({"bits": bits, "group_size": g, "bits_stored": (q.qweight.numel() * 8 + consts) / n})
     return out
 
 

@@ -11,7 +11,7 @@ from memtune.errors import ConfigError
 from memtune.models import build_preset
 from memtune.recipe import load_recipe
 from memtune.storage import STORAGE
-from memtune.storage.int4 import IntConfig, IntLinear, load_quantized, quantize_groups
+from memtune.storage.int4 import IntConfig, IntLinear, load_quantized, pack_codes, quantize_groups, unpack_codes
 from memtune.train import train
 
 ALPACA = str(ROOT / "examples" / "data" / "alpaca.jsonl")
@@ -24,6 +24,18 @@ def test_group_quantization_round_trip_is_within_half_a_step(bits):
     assert q.dtype == torch.uint8 and int(q.max()) <= 2 ** bits - 1 and scale.shape == (8, 4)
     deq = (q.float() - zero.repeat_interleave(16, 1)) * scale.repeat_interleave(16, 1)
     assert ((deq - w).abs() <= scale.repeat_interleave(16, 1) / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("bits", [4, 3, 2])
+def test_codes_are_bit_packed_and_unpack_exactly(bits):
+    q = torch.randint(0, 2 ** bits, (5, 64), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    packed = pack_codes(q, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 64 * bits // 8)
+    assert torch.equal(unpack_codes(packed, bits), q)
+    if bits == 4:  # two codes per byte, low nibble first
+        assert torch.equal(packed, q[:, 0::2] | (q[:, 1::2] << 4))
+    layer = IntLinear.from_weight(torch.randn(5, 64), None, bits, 32)
+    assert layer.qweight.numel() == 5 * 64 * bits // 8
 
 
 def test_int_linear_output_equals_dequantized_matmul():

@@ -64,8 +64,6 @@ def _save_requantized_nf4(model, run, deltas: dict[str, float], out: Path) -> Pa
     import json
 
     import bitsandbytes.functional as F
-    from transformers import BitsAndBytesConfig
-
     from .models import head_modules, is_linear
     from .storage.nf4 import BLOCKSIZE, NF4Config, NF4Storage
     from .tasks import model_inputs
@@ -90,10 +88,8 @@ def _save_requantized_nf4(model, run, deltas: dict[str, float], out: Path) -> Pa
         layers[name] = row
     NF4Storage(cfg).apply(model)
     after = model(**model_inputs(probe)).logits.float() if probe is not None else None
-    model.config.quantization_config = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=cfg.double_quant,
-        llm_int8_skip_modules=sorted(head_modules(model)),  # heads stay float (transformers would quantize e.g. BERT's classifier)
-        bnb_4bit_compute_dtype=torch.bfloat16 if cfg.compute_dtype == "bf16" else torch.float32)
+    # heads stay float (transformers would quantize e.g. BERT's classifier)
+    model.config.quantization_config = NF4Storage(cfg).bnb_config(sorted(head_modules(model)))
     model.save_pretrained(out)
     run.tokenizer.save_pretrained(out)
     upd = [r["update_error"] for r in layers.values() if "update_error" in r]

@@ -199,9 +199,13 @@ def _quiet_transformers():
 
 
 def load_model(name: str, task: str, labels: list[str] | None = None,
-               dtype: torch.dtype | None = None, head: str | None = None) -> Loaded:
+               dtype: torch.dtype | None = None, head: str | None = None,
+               quantize: Callable[[list[str]], dict] | None = None) -> Loaded:
     """Load `name` (preset, local directory, or hub id) for `task`, with the task's default head
-    or, when given, `head` (one of HEADS)."""
+    or, when given, `head` (one of HEADS).
+
+    `quantize(head_names)` gives extra `from_pretrained` arguments that quantize the base while the
+    checkpoint is read (a storage's `load_kwargs`); presets are built in memory and ignore it."""
     head = head or default_head(task)
     if name in TINY_PRESETS:
         return build_preset(name, task, labels, head)
@@ -215,6 +219,8 @@ def load_model(name: str, task: str, labels: list[str] | None = None,
     kwargs = _label_kwargs(head, labels)
     if dtype is not None:
         kwargs["dtype"] = dtype
+    if quantize is not None:
+        kwargs.update(quantize(_head_names(path, head, kwargs)))
     # weights missing from the checkpoint are drawn at random: for a new classification head from the
     # run's seed (train.seed); for an LM head (not new by design, and not saved by LoRA) from a fixed
     # seed, so `memtune eval RUN_DIR` rebuilds the same base in another process
@@ -240,6 +246,20 @@ def load_model(name: str, task: str, labels: list[str] | None = None,
         model.config.pad_token_id = tok.pad_token_id
     model.config.name_or_path = name
     return Loaded(model, tok, name)
+
+
+def _head_names(path: str, head: str, kwargs: dict) -> list[str]:
+    """Names of the output head(s) of `path` loaded with `head`, from a weightless (meta) instance."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, **{k: v for k, v in kwargs.items() if k != "dtype"})
+        with torch.device("meta"):
+            skeleton = _auto_class(head).from_config(config)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"model '{path}': cannot read its config as a {head} model: {first}") from None
+    return sorted(head_modules(skeleton))
 
 
 def head_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -122,7 +122,8 @@ def build_run(recipe: Recipe, train_records: list[Record] | None = None,
     head = recipe.prompt.head if recipe.prompt is not None else default_head(recipe.task)
     adapter_task = head if recipe.prompt is not None else recipe.task
     storage = STORAGE.get(recipe.quantize.kind)(recipe.quantize)
-    loaded = load_model(recipe.model, recipe.task, recipe.data.labels, dtype=storage.load_dtype(), head=head)
+    loaded = load_model(recipe.model, recipe.task, recipe.data.labels, dtype=storage.load_dtype(), head=head,
+                        quantize=storage.load_kwargs)
     model = loaded.model
     if recipe.prompt is not None:  # checks the label words against the tokenizer
         task = PromptClassificationTask(recipe.prompt, loaded.tokenizer, recipe.data.labels, recipe.data.max_length)

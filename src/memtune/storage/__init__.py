@@ -33,9 +33,15 @@ class BaseStorage(ABC):
         """dtype to load pretrained weights in (None: as stored)."""
         return None
 
+    def load_kwargs(self, keep: list[str]) -> dict:
+        """Extra `from_pretrained` arguments that quantize while the checkpoint is read, one layer at a
+        time, so loading never holds the whole model in full precision; `keep`: head module names left
+        as they are. {} (the default): load as stored, then `apply`."""
+        return {}
+
     @abstractmethod
     def apply(self, model: nn.Module) -> None:
-        """Convert the base model's frozen weights in place."""
+        """Convert the base model's frozen weights in place (layers converted while loading are kept)."""
 
     def describe(self) -> dict:
         return {}

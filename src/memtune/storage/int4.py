@@ -7,7 +7,10 @@ row; group (o, j) holds W[o, j*g:(j+1)*g] and gets its own scale and (float) zer
     q[o, i] = clamp(round(W[o, i] / scale + zero), 0, 2^bits - 1)
     W~[o, i] = (q[o, i] - zero[o, j(i)]) * scale[o, j(i)]
 
-Codes are kept one per byte (uint8, not bit-packed); scales and zeros in fp32, (d_out, d_in/g).
+Codes are bit-packed: each run of 8 consecutive codes of a row becomes one (8·bits)-bit little-endian
+word stored as `bits` bytes, so a row takes d_in·bits/8 bytes (INT4: two codes per byte, low nibble
+first; INT3: 8 codes in 3 bytes; INT2: four per byte). Scales and zeros are fp32, (d_out, d_in/g).
+A weight costs bits + 64/g bits (INT4, g=32: 6 bits).
 The float zero point is what lets QA-LoRA fold its update into the quantized model: an update that
 is constant within each group, c[o, j], is absorbed exactly by zero[o, j] -= c[o, j] / scale[o, j]
 (see memtune.adapters.qalora).
@@ -33,6 +36,7 @@ from ..recipe import StorageConfig
 from . import STORAGE, BaseStorage
 
 QUANT_FILE = "memtune_quantization.json"
+PACKING = "8 codes per bits-byte little-endian word"
 
 
 @dataclass
@@ -59,6 +63,24 @@ def quantize_groups(w: torch.Tensor, bits: int, g: int) -> tuple[torch.Tensor, t
     return q.to(torch.uint8).reshape(d_out, d_in), scale, zero
 
 
+def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes (d_out, d_in) uint8 < 2^bits -> (d_out, d_in·bits/8) uint8; d_in a multiple of 8."""
+    d_out, d_in = q.shape
+    chunks = q.long().reshape(d_out, d_in // 8, 8)
+    word = sum(chunks[..., i] << (bits * i) for i in range(8))  # (d_out, d_in/8), 8·bits bits used
+    packed = torch.stack([(word >> (8 * k)) & 255 for k in range(bits)], -1)  # (d_out, d_in/8, bits)
+    return packed.to(torch.uint8).reshape(d_out, d_in * bits // 8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `pack_codes`: (d_out, d_in·bits/8) uint8 -> codes (d_out, d_in) uint8."""
+    d_out = packed.shape[0]
+    chunks = packed.long().reshape(d_out, -1, bits)  # (d_out, d_in/8, bits)
+    word = sum(chunks[..., k] << (8 * k) for k in range(bits))
+    codes = torch.stack([(word >> (bits * i)) & (2 ** bits - 1) for i in range(8)], -1)  # (d_out, d_in/8, 8)
+    return codes.to(torch.uint8).reshape(d_out, -1)
+
+
 class IntLinear(nn.Module):
     """y = x W~^T + b with W~ dequantized from group-wise integer codes. x (..., d_in) -> (..., d_out)."""
 
@@ -68,10 +90,14 @@ class IntLinear(nn.Module):
         super().__init__()
         if d_in % group_size:
             raise ConfigError(f"quantize.group_size={group_size} does not divide a layer's {d_in} inputs")
+        if d_in % 8:
+            raise ConfigError(f"quantize.kind=int4: codes are packed 8 at a time, but a layer has {d_in} inputs "
+                              "(not a multiple of 8)")
         self.in_features, self.out_features, self.bits, self.group_size = d_in, d_out, bits, group_size
         g = d_in // group_size
-        # frozen Parameters (not buffers), so they count and save as the layer's weights
-        self.qweight = nn.Parameter(torch.zeros(d_out, d_in, dtype=torch.uint8, device=device), requires_grad=False)
+        # frozen Parameters (not buffers), so they count and save as the layer's weights; codes packed
+        self.qweight = nn.Parameter(torch.zeros(d_out, d_in * bits // 8, dtype=torch.uint8, device=device),
+                                    requires_grad=False)
         self.scales = nn.Parameter(torch.ones(d_out, g, device=device), requires_grad=False)
         self.zeros = nn.Parameter(torch.zeros(d_out, g, device=device), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(d_out, device=device), requires_grad=False) if bias else None
@@ -80,7 +106,7 @@ class IntLinear(nn.Module):
     def from_weight(cls, w: torch.Tensor, bias: torch.Tensor | None, bits: int, group_size: int) -> IntLinear:
         layer = cls(w.shape[1], w.shape[0], bits, group_size, bias is not None, device=w.device)
         q, s, z = quantize_groups(w, bits, group_size)
-        layer.qweight.data.copy_(q)
+        layer.qweight.data.copy_(pack_codes(q, bits))
         layer.scales.data.copy_(s)
         layer.zeros.data.copy_(z)
         if bias is not None:
@@ -91,10 +117,15 @@ class IntLinear(nn.Module):
     def weight(self) -> torch.Tensor:  # what adapters read for device (and find not floating point)
         return self.qweight
 
+    def codes(self) -> torch.Tensor:
+        """The unpacked integer codes q (d_out, d_in) uint8."""
+        return unpack_codes(self.qweight, self.bits)
+
     def dequantized(self) -> torch.Tensor:
-        """W~ (d_out, d_in) in fp32."""
+        """W~ (d_out, d_in) in fp32: (q - zero) * scale, group by group."""
         g = self.group_size
-        return (self.qweight.float() - self.zeros.repeat_interleave(g, 1)) * self.scales.repeat_interleave(g, 1)
+        q = self.codes().float().unflatten(1, (-1, g))  # (d_out, d_in/g, g)
+        return ((q - self.zeros[..., None]) * self.scales[..., None]).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _IntMatmul.apply(x, self)
@@ -169,7 +200,7 @@ def save_quantized(model: nn.Module, tokenizer, out: Path) -> Path:
     model.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    (Path(out) / QUANT_FILE).write_text(json.dumps({"format": "memtune-int", "layers": layers}, indent=1) + "\n")
+    (Path(out) / QUANT_FILE).write_text(json.dumps({"format": "memtune-int", "packing": PACKING, "layers": layers}, indent=1) + "\n")
     return Path(out)
 
 
@@ -183,6 +214,9 @@ def load_quantized(path: str | Path, auto_class=None) -> nn.Module:
     if not meta_file.is_file():
         raise ModelError(f"{p}: no {QUANT_FILE} (not a merged memtune INT model)")
     meta = json.loads(meta_file.read_text())
+    if meta.get("packing") != PACKING:
+        raise ModelError(f"{meta_file}: codes packed as {meta.get('packing', 'one per byte')!r}; this memtune reads "
+                         f"{PACKING!r} (merge the adapter again with this version)")
     model = (auto_class or AutoModelForCausalLM).from_config(AutoConfig.from_pretrained(p))
     for name, spec in meta["layers"].items():
         set_submodule(model, name, IntLinear(spec["in"], spec["out"], spec["bits"], spec["group_size"], spec["bias"]))

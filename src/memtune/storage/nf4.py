@@ -12,9 +12,12 @@ so the packed codes and constants are bitsandbytes' own by construction (tests c
 `bitsandbytes.functional.quantize_4bit`). Our part is only the layer walk and the round trip back
 to full precision for merging.
 
-Conversion runs one layer at a time: each layer's full-precision weight is released as soon as its
-4-bit copy exists, so converting adds one layer's bytes. The model itself is still loaded in full
-precision first (not quantized while the checkpoint is read).
+A pretrained checkpoint is quantized while it is read: `load_kwargs` hands transformers a
+`BitsAndBytesConfig` (same format, heads listed in `llm_int8_skip_modules`), and transformers'
+bitsandbytes integration turns each linear weight into 4 bits as it is loaded, so loading never holds
+the full-precision model (benchmarks/quant_loading.py measures it). Models built in memory (presets)
+are converted by `apply`, one layer at a time: each layer's full-precision weight is released as soon
+as its 4-bit copy exists. Both paths produce the same codes (tests/test_quant_loading.py).
 GPT-2's Conv1D (weights stored (in, out)) is converted through its transpose.
 """
 
@@ -59,6 +62,19 @@ class NF4Storage(BaseStorage):
     config: NF4Config
     quantized = True
 
+    def bnb_config(self, keep: list[str]):
+        """transformers' `BitsAndBytesConfig` for this format; `keep`: modules left unquantized."""
+        from transformers import BitsAndBytesConfig
+
+        _bnb()
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=self.config.double_quant,
+                                  bnb_4bit_compute_dtype=DTYPES[self.config.compute_dtype],
+                                  llm_int8_skip_modules=list(keep))
+
+    def load_kwargs(self, keep: list[str]) -> dict:
+        return {"quantization_config": self.bnb_config(keep)}
+
     def apply(self, model: nn.Module) -> None:
         bnb = _bnb()
         head_ids = {id(m) for h in head_modules(model).values() for m in h.modules()}
@@ -80,9 +96,9 @@ class NF4Storage(BaseStorage):
             new = new.to(w.device if w.device.type != "meta" else "cpu")  # quantizes
             set_submodule(model, name, new)
             del old, w
-        if not names:
+        self.count = sum(1 for m in model.modules() if is_4bit(m))  # converted here or while loading
+        if not self.count:
             raise ConfigError("quantize.kind=nf4: the model has no linear layers outside its head to quantize")
-        self.count = len(names)
 
     def dequantize(self, model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
         """Replace every Linear4bit by an nn.Linear holding its exact dequantized weight (for merging)."""
@@ -98,11 +114,20 @@ class NF4Storage(BaseStorage):
                 lin.bias.data.copy_(q.bias.data.to(dtype))
             lin.requires_grad_(False)
             set_submodule(model, name, lin)
+        forget_quantizer(model)
         return len(names)
 
     def describe(self) -> dict:
         return {"kind": "nf4", "blocksize": BLOCKSIZE, "double_quant": self.config.double_quant,
                 "compute_dtype": self.config.compute_dtype, "quantized_layers": getattr(self, "count", None)}
+
+
+def forget_quantizer(model: nn.Module) -> None:
+    """Drop transformers' record that the model was loaded quantized (after dequantizing it), so
+    `save_pretrained` writes a plain model without a `quantization_config`."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
 
 
 def quantized_bytes(model: nn.Module) -> tuple[int, int]:
