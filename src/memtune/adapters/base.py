@@ -20,7 +20,7 @@ Checkpoints for resuming save every `requires_grad` tensor by its module path, p
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC, ABCMeta, abstractmethod
 from pathlib import Path
 
 import torch
@@ -113,14 +113,15 @@ class AdapterMethod(ABC):
 ADAPTERS: Registry[type[AdapterMethod]] = Registry("adapter")
 
 
-class DeltaLayer(nn.Module):
+class DeltaLayer(nn.Module, metaclass=ABCMeta):
     """An adapter layer whose update is a weight delta: it wraps `base_layer` and defines
     `delta_weight()` (laid out like the base weight), so merging is W += dW and unmerging W -= dW."""
 
     merged: bool = False
 
+    @abstractmethod
     def delta_weight(self) -> torch.Tensor:
-        raise NotImplementedError
+        """dW, laid out like the base layer's weight."""
 
     @torch.no_grad()
     def merge(self) -> None:

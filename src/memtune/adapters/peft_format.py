@@ -26,11 +26,15 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 TASK_TYPES = {"causal-lm": "CAUSAL_LM", "classification": "SEQ_CLS", "masked-lm": None}
 
 
-def write_adapter(out: Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write config + weights; files are written to temporary names and renamed into place."""
+def write_adapter(out: Path, config: dict, tensors: dict[str, torch.Tensor],
+                  unprefixed: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write config + weights; files are written to temporary names and renamed into place.
+    `tensors` are keyed by in-memory module path (saved under PEFT's `base_model.model.` prefix);
+    `unprefixed` are saved under their own keys (e.g. VeRA's shared projections)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     disk = {PREFIX + k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    disk.update({k: v.detach().contiguous().cpu() for k, v in (unprefixed or {}).items()})
     tmp_w, tmp_c = out / (WEIGHTS_FILE + ".tmp"), out / (CONFIG_FILE + ".tmp")
     save_file(disk, str(tmp_w), metadata={"format": "pt"})
     tmp_c.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

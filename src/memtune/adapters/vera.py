@@ -26,21 +26,18 @@ saved under its plain path (`modules_to_save`), as with LoRA.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import ConfigError, ModelError
 from ..recipe import AdapterConfig
 from .base import ADAPTERS, AdapterMethod, DeltaLayer, set_trainable
-from .peft_format import CONFIG_FILE, PREFIX, TASK_TYPES, WEIGHTS_FILE, read_adapter
+from .peft_format import TASK_TYPES, read_adapter, write_adapter
 from .targets import match_targets, set_submodule
 
 SHARED_A, SHARED_B = "base_model.vera_A", "base_model.vera_B"  # PEFT's keys for the shared pair
@@ -216,20 +213,12 @@ class VeraMethod(AdapterMethod):
         }
 
     def save(self, model: nn.Module, run_dir: Path, base_name: str) -> Path:
-        """PEFT's files; written to temporary names and renamed into place (as peft_format does). The
-        shared pair sits outside the `base_model.model.` prefix, so it is added here."""
-        out = Path(run_dir) / self.artifact
-        out.mkdir(parents=True, exist_ok=True)
-        disk = {PREFIX + k: v.detach().contiguous().cpu() for k, v in self.adapter_tensors(model).items()}
+        """PEFT's files; the shared pair sits outside the `base_model.model.` prefix."""
+        shared = {}
         if self.config.save_projection:
-            disk[SHARED_A] = self.projections.vera_A.detach().contiguous().cpu()
-            disk[SHARED_B] = self.projections.vera_B.detach().contiguous().cpu()
-        tmp_w, tmp_c = out / (WEIGHTS_FILE + ".tmp"), out / (CONFIG_FILE + ".tmp")
-        save_file(disk, str(tmp_w), metadata={"format": "pt"})
-        tmp_c.write_text(json.dumps(self.peft_config(base_name), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp_w, out / WEIGHTS_FILE)
-        os.replace(tmp_c, out / CONFIG_FILE)
-        return out
+            shared = {SHARED_A: self.projections.vera_A, SHARED_B: self.projections.vera_B}
+        return write_adapter(Path(run_dir) / self.artifact, self.peft_config(base_name), self.adapter_tensors(model),
+                             unprefixed=shared)
 
     def load(self, model: nn.Module, path: Path) -> None:
         _, tensors = read_adapter(path)

@@ -65,6 +65,7 @@ import functools
 import inspect
 import json
 import os
+from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,7 +165,7 @@ def _forward_params(cls: type) -> tuple[str, ...]:
     return tuple(list(inspect.signature(cls.forward).parameters)[1:])
 
 
-class VirtualTokens(nn.Module):
+class VirtualTokens(nn.Module, metaclass=ABCMeta):
     """Base of the module a method attaches to the backbone; subclasses implement `rewrite`.
 
     `enabled=False` (see `disabled_virtual_tokens`) makes the hooks pass inputs through, so the
@@ -223,10 +224,10 @@ class VirtualTokens(nn.Module):
                 output.hidden_states = tuple(h[:, -keep:] for h in hs)
         return output
 
+    @abstractmethod
     def rewrite(self, body: nn.Module, kwargs: dict) -> int | None:
         """Rewrite the backbone's keyword inputs in place; return the real length T when n
         positions were prepended to the sequence (the post-hook then slices them off)."""
-        raise NotImplementedError
 
     # -- shared input edits -------------------------------------------------------------------
     def extend_mask(self, kwargs: dict) -> None:
@@ -251,12 +252,13 @@ class VirtualTokens(nn.Module):
         kwargs["position_ids"] = shifted
 
     # -- files --------------------------------------------------------------------------------
+    @abstractmethod
     def prompt_embeddings(self) -> torch.Tensor:
         """What PEFT saves under `prompt_embeddings` (its `get_prompt_embedding_to_save`)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def load_prompt_embeddings(self, t: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Set the trained tokens from a saved `prompt_embeddings` tensor."""
 
 
 def virtual_token_modules(model: nn.Module) -> list[VirtualTokens]:
@@ -293,8 +295,9 @@ class VirtualTokenMethod(AdapterMethod):
         self.saved_modules: list[str] = []
         self.geometry: Geometry | None = None
 
+    @abstractmethod
     def build(self, model: nn.Module) -> VirtualTokens:
-        raise NotImplementedError
+        """The method's VirtualTokens module for `model`."""
 
     def attach(self, model: nn.Module) -> None:
         if virtual_token_modules(model):
