@@ -221,19 +221,23 @@ def test_init_vocab_and_random():
     assert w.abs().max() <= 0.5 and w.std() > 0.2  # U(-0.5, 0.5)
 
 
-def test_init_text_tiles_the_texts_tokens_like_peft(tmp_path):
-    from memtune.models import byte_tokenizer
+@pytest.mark.parametrize("name,task,peft_task", [("tiny-llama", "causal-lm", "CAUSAL_LM"),
+                                                  ("tiny-bert", "classification", "SEQ_CLS")])
+def test_init_text_tiles_the_texts_tokens_like_peft(tmp_path, name, task, peft_task):
+    from memtune.models import build_preset
 
-    tok = byte_tokenizer()
+    tok = build_preset(name, task, LABELS).tokenizer
     tok.save_pretrained(tmp_path / "tok")
-    text = "abc"  # 3 byte tokens, tiled to 7
-    m = base("tiny-llama", "causal-lm")
-    method = attach(m, "prompt", PromptTuningConfig(num_virtual_tokens=7, init="text", init_text=text), "causal-lm")
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    assert method.describe()["init_token_ids"] == tile(ids, 7) == ids * 2 + ids[:1]
-    assert method.describe()["init_tokenizer"] == "tiny-llama"  # the model's own, by its name
-    pm = peft.get_peft_model(base("tiny-llama", "causal-lm"), peft.PromptTuningConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=7, prompt_tuning_init="TEXT", prompt_tuning_init_text=text,
+    text = "abc"  # tiny-llama: 3 byte tokens; tiny-bert: [CLS] a b c [SEP] or fewer word pieces
+    m = base(name, task)
+    method = attach(m, "prompt", PromptTuningConfig(num_virtual_tokens=7, init="text", init_text=text), task)
+    ids = tok(text)["input_ids"]  # special tokens included, as PEFT tokenizes
+    assert method.describe()["init_token_ids"] == tile(ids, 7)
+    assert method.describe()["init_tokenizer"] == name  # the model's own, by its name
+    if name == "tiny-bert":
+        assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
+    pm = peft.get_peft_model(base(name, task), peft.PromptTuningConfig(
+        task_type=peft_task, num_virtual_tokens=7, prompt_tuning_init="TEXT", prompt_tuning_init_text=text,
         tokenizer_name_or_path=str(tmp_path / "tok")))
     torch.testing.assert_close(method.encoder(m).embedding.weight,
                                pm.prompt_encoder["default"].embedding.weight, atol=0, rtol=0)

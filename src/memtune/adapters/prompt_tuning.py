@@ -170,7 +170,7 @@ class PromptTuning(VirtualTokenMethod):
                 else:
                     self.tokenizer_name = cfg.tokenizer or model.config.name_or_path
                     tok = load_tokenizer(self.tokenizer_name)
-                    text_ids = tok(cfg.init_text, add_special_tokens=False)["input_ids"]
+                    text_ids = tok(cfg.init_text)["input_ids"]  # with the tokenizer's special tokens, as PEFT
                     if not text_ids:
                         raise ConfigError(f"adapter.init_text: {cfg.init_text!r} has no tokens")
                     ids = tile(text_ids, cfg.num_virtual_tokens)
