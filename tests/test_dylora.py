@@ -133,9 +133,10 @@ def test_rank_sampling_is_uniform_and_a_function_of_seed_and_step():
     torch.manual_seed(9)
     resumed = ADAPTERS.get("dylora")(DyLoraConfig(r=5, r_min=2), "causal-lm")
     resumed.load_state_dict(method.state_dict())  # what a checkpoint keeps
+    m = base()  # not attached: no layers to hold
     for step in (0, 7, 123):
-        method.before_step(None, step, 200)
-        resumed.before_step(None, step, 200)
+        method.before_step(m, step, 200)
+        resumed.before_step(m, step, 200)
         assert method.ranks.step_rank == resumed.ranks.step_rank == sample_rank(5, step, 2, 5)
 
 
@@ -308,3 +309,41 @@ def test_mezo_steps_keep_their_sampled_rank_across_forwards(tmp_path, cls_file, 
         forwards = seen[bounds[step]:bounds[step + 1]]
         # 2 samples x (l+, l-), all in eval mode (MeZO's), all at the step's rank
         assert forwards == [(sample_rank(4, step, 1, 4), False)] * 4
+
+
+@pytest.mark.parametrize("mode", ["frozen", "all"])
+def test_a_zeroth_order_step_changes_only_the_components_it_trains(mode):
+    m = base()
+    method = attach(m, r=4, mode=mode)
+    method.rule_uses_backprop = False  # what a zeroth-order rule sets
+    layers = [x for x in m.modules() if isinstance(x, DyLoraLinear)]
+    before = [(x.lora_A.weight.clone(), x.lora_B.weight.clone()) for x in layers]
+    method.before_step(m, 5, 10)
+    b = method.ranks.step_rank
+    trained = [b - 1] if mode == "frozen" and b > 1 else list(range(b))
+    with torch.no_grad():  # a zeroth-order update moves every entry
+        for x in layers:
+            x.lora_A.weight.add_(1.0)
+            x.lora_B.weight.add_(1.0)
+    method.after_update(m, 5, 10)
+    assert method.ranks.step_rank is None
+    for x, (a0, b0) in zip(layers, before):
+        for i in range(4):
+            moved = not torch.equal(x.lora_A.weight[i], a0[i])
+            assert moved == (i in trained) and moved == (not torch.equal(x.lora_B.weight[:, i], b0[:, i])), i
+
+
+def test_mezo_leaves_components_above_every_sampled_rank_untouched(tmp_path, cls_file):
+    ranks = [sample_rank(2, step, 1, 4) for step in range(3)]
+    assert max(ranks) == 2  # seed 2 samples 1, 2, 1
+    train(load_recipe(None, [
+        "model=tiny-bert", "task=classification", f"data.train={cls_file}", "train.batch_size=8",
+        "data.max_length=16", "adapter.kind=dylora", "adapter.r=4", "adapter.mode=all", "optimizer.kind=mezo",
+        "optimizer.lr=1e-2", "train.max_steps=3", "train.seed=2",
+    ] + base_overrides(tmp_path / "run", **{"train.measure_memory_steps": 0})))
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    bs = [v for k, v in tensors.items() if k.endswith("lora_B.weight")]
+    assert bs and all(torch.all(v[:, 2:] == 0) for v in bs)  # B starts at zero: never moved
+    assert any(v[:, :2].abs().sum() > 0 for v in bs)  # the sampled components did

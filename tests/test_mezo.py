@@ -308,7 +308,8 @@ def _stop_after(n):
     return cb
 
 
-@pytest.mark.parametrize("extra", [["adapter.kind=lora", "adapter.r=4"], []])
+@pytest.mark.parametrize("extra", [["adapter.kind=lora", "adapter.r=4"], [],
+                                   ["adapter.kind=dylora", "adapter.r=4", "adapter.mode=all"]])
 def test_replay_command_rebuilds_the_trained_artifact(tmp_path, extra):
     from safetensors.torch import load_file
 

@@ -34,7 +34,7 @@ def replay_run(run_dir: str, to: str) -> dict:
     torch.manual_seed(recipe.train.seed)  # as the trainer does before building: same adapter init
     run = build_run(recipe, train_records=records, for_training=True)
     with torch.no_grad():
-        steps = replay(run.model, src / TRAJECTORY)
+        steps = replay(run.model, src / TRAJECTORY, adapter=run.method)
     out.mkdir(parents=True, exist_ok=True)
     artifact = run.method.save(run.model, out, recipe.model)
     run.tokenizer.save_pretrained(out / "tokenizer")

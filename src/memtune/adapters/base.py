@@ -12,7 +12,7 @@ and, around every optimizer step, the hooks below (no-ops unless a method needs 
 
     method.before_step(model, step, total)   # e.g. DyLoRA samples this step's rank
     method.regularizer(model)                # a term the backprop rule adds to the loss (AdaLoRA)
-    method.after_update(model, step, total)  # after optimizer.step, gradients still set (AdaLoRA)
+    method.after_update(model, step, total)  # after every rule's update (backprop: gradients still set)
 
 Checkpoints for resuming save every `requires_grad` tensor by its module path, plus whatever
 `method.state_dict()` returns (state that is not a trainable tensor: importance averages, masks).
@@ -91,6 +91,9 @@ class AdapterMethod(ABC):
 
     # -- per-step hooks, called by the loop and the update rules for every method ----------------
     needs_gradients = False  # True: a hook reads gradients, so zeroth-order rules cannot drive it
+    # set by the update rule that drives the method: False for zeroth-order rules, which perturb and
+    # move every trainable tensor whole (no gradients, so no detach keeps a part still)
+    rule_uses_backprop = True
 
     def before_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         """Before optimizer step `step` (0-based), ahead of its forward passes."""

@@ -20,12 +20,18 @@ column b-1 of B, the ones below being detached (at b = r_min all of the first r_
 components below r_min would never train); `all` trains all of A[:b] and B[:, :b].
 
 When which rank is used:
-  - a training step uses its sampled b from `before_step` until the step is over: `after_update`
-    (backprop rules), or the model's return to training mode (zeroth-order rules such as MeZO run
-    all their forwards in eval mode and switch back when the step is done), so all forwards of a
-    MeZO step see the same b. b is a function of (run seed, step), so a resumed run samples the
-    same ranks.
+  - a training step uses its sampled b from `before_step` until `after_update` (every update rule,
+    backprop or zeroth-order, calls it once the step's update is applied), so all forwards of a
+    MeZO step see the same b. b is a function of (run seed, step), so a resumed run (and a replayed
+    MeZO trajectory) samples the same ranks.
   - every other forward (evaluation, merging, inference) uses `rank` (0 = r_max).
+
+Zeroth-order rules (MeZO) perturb and move every trainable tensor whole, so components that are
+not part of the step's rank would take a random walk. Under such a rule `before_step` copies the
+components that do not train at b (frozen: all but [k, b); all: [b, r_max)) and `after_update`
+writes them back (at most the adapter's own bytes, once). Backprop keeps the reference code's
+behaviour: detached components get no gradient, though AdamW's momentum from earlier steps still
+moves them.
 
 Files use PEFT's LoRA layout (`<module>.lora_A.weight` (r, d_in), `.lora_B.weight` (d_out, r)). The
 whole adapter is tagged "DYLORA" (a memtune tag; PEFT has no DyLoRA, huggingface/peft#289) with
@@ -125,12 +131,17 @@ class DyLoraLinear(LoraLinear):
     def scaling(self, value: float) -> None:
         pass  # LoraLinear.__init__ sets alpha / r_max; here the scale follows the rank
 
+    def first_trained(self, b: int, frozen: bool) -> int:
+        """k: components k..b-1 train in a step at rank b (frozen: only b-1, or all of the first
+        r_min at b = r_min; all: 0..b-1)."""
+        return b - 1 if frozen and b > self.ranks.r_min else 0
+
     def factors(self, b: int, frozen: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """A[:b] (b, d_in) and B[:, :b] (d_out, b); with `frozen`, components 0..b-2 are detached
         (none at b = r_min)."""
         a, bm = self.lora_A.weight[:b], self.lora_B.weight[:, :b]
-        k = b - 1 if b > self.ranks.r_min else 0  # the first component that trains
-        if frozen and k > 0:
+        k = self.first_trained(b, frozen)
+        if k > 0:
             a = torch.cat([a[:k].detach(), a[k:]], 0)
             bm = torch.cat([bm[:, :k].detach(), bm[:, k:]], 1)
         return a, bm
@@ -160,10 +171,21 @@ class DyLoraLinear(LoraLinear):
             self.merged_rank = self.ranks.eval_rank
         super().merge()
 
-    def train(self, mode: bool = True):
-        if mode and not self.training:  # back to training after eval-mode forwards: the step is over
-            self.ranks.step_rank = None
-        return super().train(mode)
+    @torch.no_grad()
+    def hold(self) -> None:
+        """Copy the components that do not train in this step (ranks.step_rank)."""
+        b = min(self.ranks.step_rank, self.r)
+        idx = [i for i in range(self.r) if not self.first_trained(b, self.ranks.frozen) <= i < b]
+        self.held = (idx, self.lora_A.weight[idx].clone(), self.lora_B.weight[:, idx].clone()) if idx else None
+
+    @torch.no_grad()
+    def release(self) -> None:
+        """Write the held components back: this step's update leaves them as they were."""
+        if getattr(self, "held", None) is not None:
+            idx, a, bm = self.held
+            self.lora_A.weight[idx] = a
+            self.lora_B.weight[:, idx] = bm
+        self.held = None
 
     def extra_repr(self) -> str:
         return f"r_max={self.r}, alpha={self.alpha}, rank={self.ranks.rank}"
@@ -223,8 +245,13 @@ class DyLoraMethod(LoraMethod):
     # -- per-step hooks ----------------------------------------------------------------------
     def before_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         self.ranks.step_rank = sample_rank(self.seed, step, self.config.r_min, self.config.r)
+        if not self.rule_uses_backprop:
+            for layer in lora_layers(model).values():
+                layer.hold()
 
     def after_update(self, model: nn.Module, step: int, total_steps: int) -> None:
+        for layer in lora_layers(model).values():
+            layer.release()
         self.ranks.step_rank = None
 
     def state_dict(self) -> dict:

@@ -36,8 +36,10 @@ class UpdateRule(ABC):
     def __init__(self, config: OptimizerConfig, model: nn.Module, task: Task, train: TrainConfig,
                  total_steps: int, forward_ctx: Callable[[], ContextManager], adapter=None) -> None:
         self.config = config
-        # the run's AdapterMethod: backprop rules add its regularizer() and call after_update()
+        # the run's AdapterMethod: backprop rules add its regularizer(); every rule calls after_update()
         self.adapter = adapter
+        if adapter is not None:
+            adapter.rule_uses_backprop = self.uses_backprop
         self.model = model
         self.task = task
         self.train_cfg = train

@@ -353,6 +353,8 @@ class Mezo(UpdateRule):
                 gs.append(g)
                 losses.append(l_plus)
             self.apply(self.t, gs, self.lr)
+            if self.adapter is not None:
+                self.adapter.after_update(self.model, self.t, self.total_steps)
         finally:
             self.model.train(was_training)
         self.grads.append(gs)
@@ -408,8 +410,9 @@ def load_trajectory(path: str | Path) -> tuple[dict, torch.Tensor]:
         return json.loads(meta["memtune_mezo"]), f.get_tensor("projected_grad")
 
 
-def replay(model: nn.Module, path: str | Path, task=None) -> int:
-    """Apply a saved trajectory to `model` (the run's base with its trainable part attached, untrained).
+def replay(model: nn.Module, path: str | Path, task=None, adapter=None) -> int:
+    """Apply a saved trajectory to `model` (the run's base with its trainable part attached, untrained;
+    `adapter`: the run's AdapterMethod, whose per-step hooks run as in training).
 
     Replays each step's perturb/restore round trips too (no forward passes): restoring theta after
     +eps z, -2 eps z, +eps z is exact only up to rounding, and repeating it makes the replay bit-exact
@@ -427,15 +430,19 @@ def replay(model: nn.Module, path: str | Path, task=None) -> int:
     cfg = MezoConfig(**{k: v for k, v in meta["config"].items()})
     cfg.seed = meta["seed"]
     train_cfg = TrainConfig(schedule=meta["schedule"], warmup_steps=meta["warmup_steps"], seed=meta["seed"])
-    rule = Mezo(cfg, model, task or _NoTask(), train_cfg, meta["total_steps"], lambda: None)
+    rule = Mezo(cfg, model, task or _NoTask(), train_cfg, meta["total_steps"], lambda: None, adapter=adapter)
     for step in range(grads.shape[0]):
         gs = [float(g) for g in grads[step]]
+        if adapter is not None:
+            adapter.before_step(model, step, rule.total_steps)
         for j in range(len(gs)):  # the perturb/restore round trips, for their rounding: bit-exact replay
             seed = rule.step_seed(step, j)
             rule.perturb(seed, +1.0)
             rule.perturb(seed, -2.0)
             rule.perturb(seed, +1.0)
         rule.apply(step, gs, rule.config.lr * rule.factor(step))
+        if adapter is not None:
+            adapter.after_update(model, step, rule.total_steps)
         rule.t = step + 1
     return grads.shape[0]
 
