@@ -71,7 +71,15 @@ ADAPTER_METHODS = {
     "adalora (lr 1e-2)": ["adapter.kind=adalora", "adapter.init_r=12", "adapter.target_r=8", "adapter.alpha=16",
                           "adapter.tinit=25", "adapter.tfinal=50", "adapter.delta_t=10", "optimizer.lr=1e-2"],
     "prefix (lr 1e-3)": ["adapter.kind=prefix", "adapter.num_virtual_tokens=16", "optimizer.lr=1e-3"],
+    # Li & Liang train the MLP-reparameterized prefix at 5e-5: Adam moves every MLP weight by ~lr per
+    # step, so at 1e-3 the prefix keys grow until attention sees only the prefix
+    "prefix (lr 1e-4)": ["adapter.kind=prefix", "adapter.num_virtual_tokens=16", "optimizer.lr=1e-4"],
+    "prefix (lr 5e-5)": ["adapter.kind=prefix", "adapter.num_virtual_tokens=16", "optimizer.lr=5e-5"],
 }
+# QA-LoRA probes: A reads the group mean, so at LoRA's lr its update is ~g times smaller (see BENCHMARKS.md)
+QALORA = METHODS["qa-lora(int4,g32)"]
+METHODS["qa-lora(int4,g32), lr 1e-2"] = QALORA + ["optimizer.lr=1e-2"]
+METHODS["qa-lora(int4,g32), alpha 512"] = QALORA + ["adapter.alpha=512"]
 SUITES = {"backprop": METHODS, "mezo": MEZO_METHODS, "adapters": ADAPTER_METHODS}
 
 
