@@ -200,7 +200,8 @@ def save_quantized(model: nn.Module, tokenizer, out: Path) -> Path:
     model.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    (Path(out) / QUANT_FILE).write_text(json.dumps({"format": "memtune-int", "packing": PACKING, "layers": layers}, indent=1) + "\n")
+    meta = {"format": "memtune-int", "packing": PACKING, "layers": layers}
+    (Path(out) / QUANT_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     return Path(out)
 
 
