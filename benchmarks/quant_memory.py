@@ -1,13 +1,16 @@
 """Quantized bases: training memory by category for full FT, LoRA, QLoRA and QLoRA + TokenTune.
 
-    python benchmarks/quant_memory.py [--device auto|cpu|cuda] [--seq 512] [--batch 4]
+    python benchmarks/quant_memory.py [--device auto|cpu|cuda] [--seq 512] [--batch 4] [--rounds 3]
+    python benchmarks/quant_memory.py --device cuda --model llama-1b     # the issue's GPU table
 
-The model is tiny-llama's architecture scaled up (8 layers, hidden 1024, intermediate 2816, 16
-heads / 8 KV heads, vocab 32000, random init). Methods: full FT, LoRA, QLoRA (NF4), QLoRA and LoRA
+The model (`--model quant-memory`, default) is tiny-llama's architecture scaled up (8 layers, hidden
+1024, intermediate 2816, 16 heads / 8 KV heads, vocab 32000, random init); `llama-1b` is
+TinyLlama-1.1B's shape (benchmarks/common.py). Methods: full FT, LoRA, QLoRA (NF4), QLoRA and LoRA
 with TokenTune (25%), QA-LoRA (INT4, group 32); LoRA r=8 on all linear layers. One AdamW step at
-steady state per method, same batch, measured by memtune's tracker (4-bit codes and their quantization constants count as frozen
-parameters). Also reports the bytes per quantized weight, constants included. Writes
-benchmarks/results/quant_memory[-cuda].json and .png.
+steady state per method, same batch, measured by memtune's tracker (4-bit codes and their
+quantization constants count as frozen parameters); step time is the median of `--rounds` further
+steps. Also reports the bytes per quantized weight, constants included. Writes
+benchmarks/results/quant_memory[-llama-1b][-cuda].json and .png.
 """
 
 from __future__ import annotations
@@ -15,13 +18,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, mib, pick_device, release, save, sync, table  # noqa: E402
+from common import RESULTS, llama_sized, mib, pick_device, release, save, sync, table  # noqa: E402
 
 from memtune.adapters import ADAPTERS  # noqa: E402
 from memtune.adapters.lora import LoraConfig  # noqa: E402
@@ -50,7 +55,7 @@ def base_model():
         return LlamaForCausalLM(cfg)
 
 
-def measure(base, method: str, batch: dict, device) -> dict:
+def measure(base, method: str, batch: dict, device, rounds: int = 3) -> dict:
     model = copy.deepcopy(base)
     extra = {}
     if method.startswith("qlora"):
@@ -73,7 +78,13 @@ def measure(base, method: str, batch: dict, device) -> dict:
         with tracker.measure(*batch.values()):
             rule.step([dict(batch)])
             sync(device)
-    out = {**tracker.report().to_dict(), **extra}
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        rule.step([dict(batch)])
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    out = {**tracker.report().to_dict(), **extra, "step_seconds": statistics.median(times) if times else None}
     del model, rule, tracker
     release(device)
     return out
@@ -84,27 +95,30 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3, help="timed steps per method after the measured ones")
+    ap.add_argument("--model", default="quant-memory", choices=["quant-memory", "llama-1b"])
     args = ap.parse_args()
     device = pick_device(args.device)
-    base = base_model()
+    base = base_model() if args.model == "quant-memory" else llama_sized("llama-1b")
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, 32000, (args.batch, args.seq), generator=g)
     batch = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
              "labels": ids.clone().to(device)}
     rows = []
     for method in METHODS:
-        m = measure(base, method, batch, device)
+        m = measure(base, method, batch, device, args.rounds)
         rows.append({"method": method, **m})
         print(f"{method}: peak {mib(m['peak'])} MiB", flush=True)
-    full = rows[0]
+    full, lora = rows[0], next(r for r in rows if r["method"] == "lora")
     key = "cuda_max_allocated" if device.type == "cuda" else "peak"
     for r in rows:
         r["peak_ratio"] = r[key] / full[key]
-    print(f"\nllama 8x1024 (random init), batch {args.batch} x seq {args.seq}, {device}, fp32\n")
+    print(f"\n{args.model} (random init), batch {args.batch} x seq {args.seq}, {device}, fp32\n")
     print(table(["method"] + [f"{c} MiB" for c in CATS] + (["cuda max MiB"] if key != "peak" else [])
-                + ["peak / full FT"],
+                + ["peak / full FT", "step s", "step / lora"],
                 [[r["method"]] + [mib(r[c]) for c in CATS] + ([mib(r[key])] if key != "peak" else [])
-                 + [f"{r['peak_ratio']:.3f}"] for r in rows]))
+                 + [f"{r['peak_ratio']:.3f}", f"{r['step_seconds']:.3f}",
+                    f"{r['step_seconds'] / lora['step_seconds']:.2f}"] for r in rows]))
     q = next(r for r in rows if r["method"] == "qlora")
     print(f"\nNF4 + double quant: {q['bytes_per_weight']:.4f} bytes per quantized weight "
           f"({8 * q['bytes_per_weight']:.3f} bits), constants included")
@@ -112,7 +126,8 @@ def main() -> None:
     for f in formats:
         print(f"INT{f['bits']} group {f['group_size']}: {f['bits_stored']:.3f} bits per weight as stored (codes "
               f"bit-packed, fp32 scale + zero per group)")
-    name = "quant_memory" + ("-cuda" if device.type == "cuda" else "")
+    name = ("quant_memory" + ("-llama-1b" if args.model == "llama-1b" else "")
+            + ("-cuda" if device.type == "cuda" else ""))
     path = save(name, {"args": vars(args), "rows": rows, "int_formats": formats})
     plot(rows, RESULTS / f"{name}.png")
     print(f"wrote {path}")

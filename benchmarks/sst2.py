@@ -52,7 +52,7 @@ MEZO_METHODS = {
                                               "optimizer.objective=accuracy"],
     "mezo full": MEZO + ["optimizer.lr=1e-5", "optimizer.eps=1e-3"],
     "mezo lora": MEZO + ["adapter.kind=lora", "adapter.r=8", "adapter.alpha=16", "adapter.targets=all-linear",
-                         "optimizer.lr=1e-4", "optimizer.eps=1e-2"],
+                         "optimizer.lr=3e-4", "optimizer.eps=1e-2"],
     "mezo full (accuracy objective)": MEZO + ["optimizer.lr=1e-5", "optimizer.eps=1e-3",
                                               "optimizer.objective=accuracy"],
 }
@@ -75,11 +75,15 @@ ADAPTER_METHODS = {
     # step, so at 1e-3 the prefix keys grow until attention sees only the prefix
     "prefix (lr 1e-4)": ["adapter.kind=prefix", "adapter.num_virtual_tokens=16", "optimizer.lr=1e-4"],
     "prefix (lr 5e-5)": ["adapter.kind=prefix", "adapter.num_virtual_tokens=16", "optimizer.lr=5e-5"],
+    "prefix (lr 3e-4)": ["adapter.kind=prefix", "adapter.num_virtual_tokens=16", "optimizer.lr=3e-4"],
 }
 # QA-LoRA probes: A reads the group mean, so at LoRA's lr its update is ~g times smaller (see BENCHMARKS.md)
 QALORA = METHODS["qa-lora(int4,g32)"]
 METHODS["qa-lora(int4,g32), lr 1e-2"] = QALORA + ["optimizer.lr=1e-2"]
 METHODS["qa-lora(int4,g32), alpha 512"] = QALORA + ["adapter.alpha=512"]
+METHODS["qa-lora(int4,g32), lr 1e-2, r 16"] = QALORA + ["optimizer.lr=1e-2", "adapter.r=16", "adapter.alpha=32"]
+METHODS["qa-lora(int4,g32), lr 5e-3"] = QALORA + ["optimizer.lr=5e-3"]
+METHODS["lora over int4 (no pooling)"] = LORA + ["quantize.kind=int4", "quantize.bits=4", "quantize.group_size=32"]
 SUITES = {"backprop": METHODS, "mezo": MEZO_METHODS, "adapters": ADAPTER_METHODS}
 
 
