@@ -39,3 +39,26 @@ def base_overrides(out: Path, **extra) -> list[str]:
     o = {"train.progress": "false", "output_dir": str(out), "train.measure_memory_steps": 2}
     o.update(extra)
     return [f"{k}={v}" for k, v in o.items()]
+
+
+def randomize(model, seed=0, scale=0.1, add=False):
+    """Every trainable tensor set to (or, with `add`, shifted by) seeded N(0, scale^2) draws, so
+    adapters that start as the identity (B = 0, Λ = 0, b = 0) change the outputs in tests."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                draw = torch.randn(p.shape, generator=g) * scale
+                p.add_(draw) if add else p.copy_(draw)
+
+
+def inputs(seed=1):
+    """A seeded batch of token ids (2, 11) inside every preset's vocabulary."""
+    return {"input_ids": torch.randint(3, 250, (2, 11), generator=torch.Generator().manual_seed(seed))}
+
+
+def logits(model, seed=1):
+    """The model's logits on `inputs(seed)`, in eval mode without gradients."""
+    model.eval()
+    with torch.no_grad():
+        return model(**inputs(seed)).logits

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, base_overrides
+from conftest import ROOT, base_overrides, inputs, logits, randomize
 from memtune.adapters import ADAPTERS, disabled_adapters, load_adapter
 from memtune.adapters.adalora import AdaLoraConfig, AdaLoraLinear, budget_schedule, keep_top
 from memtune.errors import ConfigError, MemtuneError
@@ -69,23 +69,10 @@ def copy_into_peft(m, pm):
                 theirs[peft_name(n)].copy_(p)
 
 
-def randomize(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
-def inputs(seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return {"input_ids": torch.randint(3, 250, (2, 11), generator=g)}
 
 
-def logits(model, seed=1):
-    model.eval()
-    with torch.no_grad():
-        return model(**inputs(seed)).logits
 
 
 # -- the layer and parity with PEFT -----------------------------------------------------------
@@ -114,7 +101,7 @@ def test_trainable_count_and_logits_equal_peft(preset, task, targets, peft_targe
     pm = peft_model(preset, task, peft_targets)
     assert sum(p.numel() for p in m.parameters() if p.requires_grad) == \
         sum(p.numel() for p in pm.parameters() if p.requires_grad)
-    randomize(m)
+    randomize(m, scale=0.2)
     copy_into_peft(m, pm)
     torch.testing.assert_close(logits(m), logits(pm), atol=1e-5, rtol=0)
 
@@ -123,7 +110,7 @@ def test_orthogonal_regularizer_equals_peft():
     m = base("tiny-llama", "causal-lm")
     method = attach(m, "causal-lm", init_r=4, target_r=2, targets=["all-linear"], orth_reg_weight=0.3)
     pm = peft_model("tiny-llama", "causal-lm", "all-linear", orth_reg_weight=0.3)
-    randomize(m)
+    randomize(m, scale=0.2)
     copy_into_peft(m, pm)
     x = inputs()["input_ids"]
     reg = method.regularizer(m)
@@ -185,7 +172,7 @@ def test_importance_and_masks_follow_peft_step_by_step():
 
 def pruned(m, method, seed=0):
     """Random factors and a random mask at the target budget, as after a run."""
-    randomize(m, seed)
+    randomize(m, seed, scale=0.2)
     g = torch.Generator().manual_seed(seed + 7)
     layers = method._layers
     scores = {n: torch.rand(lay.r, generator=g) for n, lay in layers.items()}

@@ -8,7 +8,7 @@ import peft
 import pytest
 import torch
 
-from conftest import base_overrides
+from conftest import base_overrides, inputs, logits, randomize
 from memtune.adapters import ADAPTERS, disabled_adapters, load_adapter
 from memtune.adapters.dylora import DyLoraConfig, DyLoraLinear, sample_rank
 from memtune.adapters.lora import LoraConfig
@@ -39,22 +39,10 @@ def attach(model, task="causal-lm", **kw):
     return method
 
 
-def randomize(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
-def inputs(seed=1):
-    return {"input_ids": torch.randint(3, 250, (2, 11), generator=torch.Generator().manual_seed(seed))}
 
 
-def logits(model):
-    model.eval()
-    with torch.no_grad():
-        return model(**inputs()).logits
 
 
 @pytest.mark.parametrize("b", [1, 3, 6])

@@ -9,7 +9,7 @@ import torch
 import transformers
 from transformers import AttentionInterface
 
-from conftest import ROOT, base_overrides
+from conftest import ROOT, base_overrides, randomize
 from memtune.adapters import ADAPTERS
 from memtune.adapters.longlora import LongLoraConfig
 from memtune.attention import s2 as s2_module
@@ -70,12 +70,6 @@ def longlora(model, task="causal-lm", **kw):
     return method
 
 
-def randomize(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 def scaled_llama(scale):
@@ -158,7 +152,7 @@ def test_model_training_forward_equals_reference_with_right_padding():
     for impl in (None, "test_s2_reference"):
         m = llama().train()
         longlora(m, rope_scale=2.0)
-        randomize(m)
+        randomize(m, add=True)
         if impl:
             m.set_attn_implementation(impl)
         out = m(**batch)
@@ -174,7 +168,7 @@ def test_model_training_forward_equals_reference_with_right_padding():
     # and it is not dense attention
     dense = llama().train()
     longlora(dense, rope_scale=2.0, attention="dense")
-    randomize(dense)
+    randomize(dense, add=True)
     assert not torch.allclose(dense(**batch).logits[real], ours, atol=1e-3)
 
 
@@ -270,7 +264,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_saved_adapter_round_trips_and_peft_loads_it(tmp_path):
     recipe = build_recipe({}, ["model=tiny-llama", "adapter.kind=longlora", "adapter.rope_scale=2"])
     run = build_run(recipe)
-    randomize(run.model)
+    randomize(run.model, add=True)
     out = run.method.save(run.model, tmp_path, "tiny-llama")
     saved = json.loads((out / "adapter_config.json").read_text())
     assert saved["peft_type"] == "LORA" and "model.embed_tokens" in saved["modules_to_save"]
@@ -292,7 +286,7 @@ def test_saved_adapter_round_trips_and_peft_loads_it(tmp_path):
 def test_merged_equals_unmerged_and_reloads_in_plain_transformers(tmp_path):
     m = llama()
     method = longlora(m, rope_scale=2.0)
-    randomize(m)
+    randomize(m, add=True)
     m.eval()
     batch = right_padded()
     real = batch["attention_mask"].bool()
@@ -311,7 +305,7 @@ def test_disabled_adapter_is_the_base_model_with_the_same_rope():
     method (tests/test_conformance.py), and the RoPE scaling stays."""
     m = llama()
     method = longlora(m, rope_scale=2.0)
-    randomize(m)  # LoRA, embeddings and norms all moved
+    randomize(m, add=True)  # LoRA, embeddings and norms all moved
     m.eval()
     ids = right_padded()["input_ids"]
     before = m(ids).logits

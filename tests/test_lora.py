@@ -1,6 +1,5 @@
 """LoRA: math, and parity with PEFT (the oracle) in both directions."""
 
-import copy
 import math
 
 import peft
@@ -8,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import inputs, randomize
 from memtune.adapters import ADAPTERS, LoraLinear, disabled_adapters, load_adapter
 from memtune.adapters.lora import LoraConfig
 from memtune.errors import ConfigError, ModelError
@@ -33,17 +33,8 @@ def attach(model, task, **kw):
     return method
 
 
-def randomize_adapter(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
-def inputs(seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return {"input_ids": torch.randint(3, 250, (2, 11), generator=g)}
 
 
 def peft_task(task):
@@ -66,7 +57,7 @@ def test_trainable_count_equals_peft(preset, task, targets, peft_targets, rslora
 def test_memtune_adapter_loads_in_peft_with_same_logits(tmp_path, preset, task, targets, peft_targets):
     m = base(preset, task)
     method = attach(m, task, r=4, alpha=8, targets=targets, rslora=True)
-    randomize_adapter(m)
+    randomize(m)
     out = method.save(m, tmp_path, preset)
     pm = peft.PeftModel.from_pretrained(base(preset, task), str(out))
     m.eval(), pm.eval()
@@ -79,7 +70,7 @@ def test_peft_adapter_loads_in_memtune_with_same_logits(tmp_path, preset, task, 
     cfg = peft.LoraConfig(task_type=peft_task(task), r=4, lora_alpha=16, target_modules=peft_targets,
                           rank_pattern={"v_proj": 2} if "v_proj" in peft_targets else {})
     pm = peft.get_peft_model(base(preset, task), cfg)
-    randomize_adapter(pm, seed=3)
+    randomize(pm, seed=3)
     pm.save_pretrained(tmp_path / "peft")
     m = base(preset, task)
     load_adapter(m, tmp_path / "peft", task)
@@ -108,7 +99,7 @@ def test_merge_equals_unmerged_and_unmerge_restores(preset):
     m = base(preset, "causal-lm")
     w0 = {n: p.detach().clone() for n, p in m.named_parameters()}
     method = attach(m, "causal-lm", r=4, alpha=8, targets=["all-linear"])
-    randomize_adapter(m)
+    randomize(m)
     m.eval()
     ref = m(**inputs()).logits
     layers = [mod for mod in m.modules() if isinstance(mod, LoraLinear)]
@@ -129,7 +120,7 @@ def test_disabled_adapter_is_the_base_model():
     plain = base("tiny-llama", "causal-lm").eval()
     m = base("tiny-llama", "causal-lm")
     attach(m, "causal-lm", r=4, alpha=8, targets=["all-linear"])
-    randomize_adapter(m)
+    randomize(m)
     m.eval()
     with disabled_adapters(m):
         torch.testing.assert_close(m(**inputs()).logits, plain(**inputs()).logits)

@@ -1,6 +1,5 @@
 """NF4 base storage (QLoRA): bitsandbytes parity, what is quantized, training over it, merging."""
 
-import copy
 
 import pytest
 import torch

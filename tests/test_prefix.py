@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from memtune.adapters import ADAPTERS, load_adapter
+from memtune.adapters import load_adapter
 from memtune.adapters.prefix import PrefixConfig, PTuningV2Config
 from memtune.adapters.virtual_tokens import disabled_virtual_tokens
 from memtune.errors import ConfigError, MemtuneError

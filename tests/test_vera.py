@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import base_overrides
+from conftest import base_overrides, logits, randomize
 from memtune.adapters import ADAPTERS, load_adapter
 from memtune.adapters.vera import VeraConfig, VeraLinear, VeraProjections, draw_projections
 from memtune.errors import ConfigError, ModelError
@@ -50,22 +50,10 @@ def peft_model(preset, task, targets, **kw):
     return peft.get_peft_model(base(preset, task), cfg)
 
 
-def randomize(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
-def inputs(seed=1):
-    return {"input_ids": torch.randint(3, 250, (2, 11), generator=torch.Generator().manual_seed(seed))}
 
 
-def logits(model):
-    model.eval()
-    with torch.no_grad():
-        return model(**inputs()).logits
 
 
 @pytest.mark.parametrize("preset, task, targets, peft_targets", CASES)
