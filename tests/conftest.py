@@ -19,6 +19,16 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is as fast, and far faster when the cores are shared (OpenMP
+    workers spin-waiting for a busy core). Modules opt in: pytestmark = usefixtures("one_thread")."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def alpaca_file(tmp_path):
     rows = [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w}"}

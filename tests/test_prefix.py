@@ -14,8 +14,10 @@ from memtune.adapters.virtual_tokens import disabled_virtual_tokens
 from memtune.errors import ConfigError, MemtuneError
 from memtune.evaluate import evaluate
 from memtune.recipe import build_recipe
-from test_prompt_tuning import (PEFT_TASK, attach, base, cls_file, greedy, inputs, one_thread,  # noqa: F401
+from test_prompt_tuning import (PEFT_TASK, attach, base, cls_file, greedy, inputs,  # noqa: F401
                                 peft_pair, run_training, text_file, trainable)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 N, H = 3, 16
 CASES = [("tiny-llama", "causal-lm"), ("tiny-bert", "classification"), ("tiny-gpt2", "causal-lm"),

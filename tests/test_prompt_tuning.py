@@ -24,13 +24,7 @@ PEFT_TASK = {"causal-lm": "CAUSAL_LM", "classification": "SEQ_CLS"}
 PAD = {"tiny-bert": 0}  # WordPiece [PAD]; the byte presets pad with 256
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is faster than two on a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def base(preset, task):

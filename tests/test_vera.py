@@ -16,14 +16,7 @@ from memtune.recipe import load_recipe
 from memtune.train import train
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster when the cores are shared (OpenMP
-    workers spin-waiting for a busy core)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CASES = [  # preset, task, targets (memtune), targets (PEFT)
