@@ -1,6 +1,6 @@
 """Peak memory while loading a checkpoint into a quantized base: quantize-while-reading vs load-then-quantize.
 
-    python benchmarks/quant_loading.py [--size quant-memory|llama-1b]
+    python benchmarks/quant_loading.py [--size quant-memory|llama-1b] [--repeats 3]
 
 Saves a random-init Llama (default: quant_memory.py's 8 layers x hidden 1024, untied fp32 embeddings
 and head) as safetensors in a temporary folder, then loads it in a fresh process per mode:
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,6 +85,7 @@ def child(mode: str, path: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="quant-memory", choices=["quant-memory", "llama-1b"])
+    ap.add_argument("--repeats", type=int, default=3, help="fresh processes per mode (medians reported)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--path", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -107,16 +109,22 @@ def main() -> None:
         byte_tokenizer().save_pretrained(tmp)
         del model
         for mode in MODES:
-            res = subprocess.run([sys.executable, __file__, "--child", mode, "--path", tmp], capture_output=True,
-                                 text=True, check=True)
-            rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-            print(f"{mode}: peak {rows[-1]['peak_bytes'] / 2**20:.1f} MiB", flush=True)
+            runs = []
+            for _ in range(args.repeats):  # a fresh process each time; the table shows the medians
+                res = subprocess.run([sys.executable, __file__, "--child", mode, "--path", tmp],
+                                     capture_output=True, text=True, check=True)
+                runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+            row = {k: (statistics.median(r[k] for r in runs) if isinstance(v, (int, float)) else v)
+                   for k, v in runs[0].items()}
+            row["anon_peak_bytes_runs"] = [r["anon_peak_bytes"] for r in runs]
+            rows.append(row)
+            print(f"{mode}: peak anon {[round(b / 2**20) for b in row['anon_peak_bytes_runs']]} MiB", flush=True)
     print(table(["mode", "parameters MiB", "peak RSS MiB", "resident after MiB", "peak anon MiB", "anon after MiB",
                  "seconds"],
                 [[r["mode"], f"{r['parameter_bytes'] / 2**20:.1f}", f"{r['peak_bytes'] / 2**20:.1f}",
                   f"{r['resident_after_bytes'] / 2**20:.1f}", f"{r['anon_peak_bytes'] / 2**20:.1f}",
                   f"{r['anon_after_bytes'] / 2**20:.1f}", f"{r['seconds']:.1f}"] for r in rows]))
-    path = save("quant_loading", {"size": args.size, "parameters": n, "rows": rows})
+    path = save("quant_loading", {"size": args.size, "parameters": n, "repeats": args.repeats, "rows": rows})
     print(f"wrote {path}")
 
 
