@@ -69,3 +69,19 @@ def test_qlora_with_paged_adamw_on_cuda(tmp_path):
     s = train(load_recipe(None, LLAMA + ["quantize.kind=nf4", "adapter.kind=lora", "optimizer.paged=true"]
                           + base_overrides(tmp_path / "run")))
     assert s["device"].startswith("cuda") and s["memory_bytes"]["optimizer"] > 0
+
+
+def test_qlora_over_a_checkpoint_quantized_while_loading_trains_on_cuda(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from memtune.storage.nf4 import is_4bit
+
+    saved = tmp_path / "tiny-llama"
+    loaded = build_preset("tiny-llama", "causal-lm")
+    loaded.model.save_pretrained(saved)
+    loaded.tokenizer.save_pretrained(saved)
+    seen = []
+    s = train(load_recipe(None, [f"model={saved}"] + LLAMA[1:] + ["quantize.kind=nf4", "adapter.kind=lora"]
+                          + base_overrides(tmp_path / "run")),
+              callbacks=[lambda e: seen.append([m.weight.device.type for m in e.run.model.modules() if is_4bit(m)])])
+    assert s["device"].startswith("cuda") and s["train"]["loss_last"] < s["train"]["loss_first"]
+    assert seen and set(seen[-1]) == {"cuda"} and len(seen[-1]) == 14

@@ -122,8 +122,9 @@ def build_run(recipe: Recipe, train_records: list[Record] | None = None,
     head = recipe.prompt.head if recipe.prompt is not None else default_head(recipe.task)
     adapter_task = head if recipe.prompt is not None else recipe.task
     storage = STORAGE.get(recipe.quantize.kind)(recipe.quantize)
+    device = pick_device(recipe.train.device)
     loaded = load_model(recipe.model, recipe.task, recipe.data.labels, dtype=storage.load_dtype(), head=head,
-                        quantize=storage.load_kwargs)
+                        quantize=lambda keep: storage.load_kwargs(keep, device))
     model = loaded.model
     if recipe.prompt is not None:  # checks the label words against the tokenizer
         task = PromptClassificationTask(recipe.prompt, loaded.tokenizer, recipe.data.labels, recipe.data.max_length)
@@ -167,7 +168,6 @@ def build_run(recipe: Recipe, train_records: list[Record] | None = None,
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
-    device = pick_device(recipe.train.device)
     model.to(device)
     run = Run(recipe, model, loaded.tokenizer, task, method, storage, device)
     if for_training and recipe.classifier_init is not None:

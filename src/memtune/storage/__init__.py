@@ -33,10 +33,11 @@ class BaseStorage(ABC):
         """dtype to load pretrained weights in (None: as stored)."""
         return None
 
-    def load_kwargs(self, keep: list[str]) -> dict:
+    def load_kwargs(self, keep: list[str], device: torch.device | None = None) -> dict:
         """Extra `from_pretrained` arguments that quantize while the checkpoint is read, one layer at a
         time, so loading never holds the whole model in full precision; `keep`: head module names left
-        as they are. {} (the default): load as stored, then `apply`."""
+        as they are; `device`: where the run trains (quantized weights are placed there as they are
+        made). {} (the default): load as stored, then `apply`."""
         return {}
 
     @abstractmethod

@@ -13,9 +13,10 @@ so the packed codes and constants are bitsandbytes' own by construction (tests c
 to full precision for merging.
 
 A pretrained checkpoint is quantized while it is read: `load_kwargs` hands transformers a
-`BitsAndBytesConfig` (same format, heads listed in `llm_int8_skip_modules`), and transformers'
-bitsandbytes integration turns each linear weight into 4 bits as it is loaded, so loading never holds
-the full-precision model (benchmarks/quant_loading.py measures it). Models built in memory (presets)
+`BitsAndBytesConfig` (same format, heads listed in `llm_int8_skip_modules`) and the run's device as
+`device_map`, and transformers' bitsandbytes integration turns each linear weight into 4 bits as it
+is loaded, on that device (on a GPU, the full-precision model never reaches it; on CPU,
+benchmarks/quant_loading.py measures both paths). Models built in memory (presets)
 are converted by `apply`, one layer at a time: each layer's full-precision weight is released as soon
 as its 4-bit copy exists. Both paths produce the same codes (tests/test_quant_loading.py).
 GPT-2's Conv1D (weights stored (in, out)) is converted through its transpose.
@@ -72,8 +73,9 @@ class NF4Storage(BaseStorage):
                                   bnb_4bit_compute_dtype=DTYPES[self.config.compute_dtype],
                                   llm_int8_skip_modules=list(keep))
 
-    def load_kwargs(self, keep: list[str]) -> dict:
-        return {"quantization_config": self.bnb_config(keep)}
+    def load_kwargs(self, keep: list[str], device: torch.device | None = None) -> dict:
+        # an explicit device_map: without one transformers' bitsandbytes path picks a GPU when any exists
+        return {"quantization_config": self.bnb_config(keep), "device_map": {"": str(device or "cpu")}}
 
     def apply(self, model: nn.Module) -> None:
         bnb = _bnb()
