@@ -73,8 +73,12 @@ def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of `pack_codes`: (d_out, d_in·bits/8) uint8 -> codes (d_out, d_in) uint8."""
+    """Inverse of `pack_codes`: (d_out, d_in·bits/8) uint8 -> codes (d_out, d_in) uint8. Runs on every
+    forward and backward, so INT4 and INT2 (whole codes per byte) stay in uint8 ops."""
     d_out = packed.shape[0]
+    if 8 % bits == 0:  # byte j holds codes j·(8/bits) + i at bit offset bits·i
+        mask = 2 ** bits - 1
+        return torch.stack([(packed >> (bits * i)) & mask for i in range(8 // bits)], -1).reshape(d_out, -1)
     chunks = packed.long().reshape(d_out, -1, bits)  # (d_out, d_in/8, bits)
     word = sum(chunks[..., k] << (8 * k) for k in range(bits))
     codes = torch.stack([(word >> (bits * i)) & (2 ** bits - 1) for i in range(8)], -1)  # (d_out, d_in/8, 8)
