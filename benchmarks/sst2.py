@@ -102,6 +102,8 @@ METHODS["qa-lora(int4,g32), lr 1e-2, r 16"] = QALORA + ["optimizer.lr=1e-2", "ad
 METHODS["qa-lora(int4,g32), lr 5e-3"] = QALORA + ["optimizer.lr=5e-3"]
 METHODS["qa-lora(int4,g32), lr 2e-2"] = QALORA + ["optimizer.lr=2e-2"]
 METHODS["qa-lora(int4,g32), alpha 192, lr 3e-3"] = QALORA + ["adapter.alpha=192", "optimizer.lr=3e-3"]
+METHODS["qa-lora(int4,g32), lr 7e-3"] = QALORA + ["optimizer.lr=7e-3"]
+METHODS["qa-lora(int4,g32), lr 1.5e-2"] = QALORA + ["optimizer.lr=1.5e-2"]
 METHODS["lora over int4 (no pooling)"] = LORA + ["quantize.kind=int4", "quantize.bits=4", "quantize.group_size=32"]
 SUITES = {"backprop": METHODS, "mezo": MEZO_METHODS, "adapters": ADAPTER_METHODS}
 
