@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, mib, save, table  # noqa: E402
 
 from memtune.data import read_records  # noqa: E402
+from memtune.demo import MORE_METHODS  # noqa: E402
 from memtune.recipe import build_recipe  # noqa: E402
 from memtune.train import train  # noqa: E402
 
@@ -47,6 +48,8 @@ METHODS = {
 }
 MEZO = ["optimizer.kind=mezo", "pooling=mean", "classifier_init.examples_per_class=16", "train.schedule=constant",
         "train.warmup_steps=0"]
+MEZO_LORA = MEZO + ["adapter.kind=lora", "adapter.r=8", "adapter.alpha=16", "adapter.targets=all-linear",
+                    "optimizer.eps=1e-2"]
 HEAD_ACC = MEZO + ["adapter.kind=head", "optimizer.objective=accuracy"]
 MEZO_METHODS = {
     "mezo head (linear probe)": MEZO + ["adapter.kind=head", "optimizer.lr=1e-3", "optimizer.eps=1e-3"],
@@ -58,11 +61,9 @@ MEZO_METHODS = {
     # 1,000 full-parameter steps take 12 min here (z for 22.6M weights is drawn 4 times a step):
     # 800 steps at the same lr x steps fit in 10
     "mezo full (800 steps)": MEZO + ["train.max_steps=800", "optimizer.lr=1.25e-5", "optimizer.eps=1e-3"],
-    "mezo lora": MEZO + ["adapter.kind=lora", "adapter.r=8", "adapter.alpha=16", "adapter.targets=all-linear",
-                         "optimizer.lr=3e-4", "optimizer.eps=1e-2"],
+    "mezo lora": MEZO_LORA + ["optimizer.lr=3e-4"],
     # probes, recorded in BENCHMARKS.md
-    "mezo lora (lr 1e-4)": MEZO + ["adapter.kind=lora", "adapter.r=8", "adapter.alpha=16",
-                                   "adapter.targets=all-linear", "optimizer.lr=1e-4", "optimizer.eps=1e-2"],
+    "mezo lora (lr 1e-4)": MEZO_LORA + ["optimizer.lr=1e-4"],
     "mezo head (accuracy objective, batch 16)": HEAD_ACC + ["optimizer.lr=1e-3", "optimizer.eps=1e-3"],
     "mezo head (accuracy objective, batch 16, lr 1e-2, eps 1e-2)": HEAD_ACC + ["optimizer.lr=1e-2",
                                                                                 "optimizer.eps=1e-2"],
@@ -73,26 +74,23 @@ MEZO_METHODS = {
     "mezo head (accuracy objective, batch 16, adam)": HEAD_ACC + ["optimizer.variant=adam", "optimizer.lr=3e-4",
                                                                    "optimizer.eps=1e-2"],
 }
-# issue 6: every adapter of the family, same data, epochs and batch as the backprop suite
+# issue 6: every adapter of the family, same data, epochs and batch as the backprop suite; the
+# demo's settings (memtune.demo.MORE_METHODS) except AdaLoRA's schedule, fitted to 250 steps
+ADALORA = ["adapter.kind=adalora", "adapter.init_r=12", "adapter.target_r=8", "adapter.alpha=16",
+           "adapter.tinit=25", "adapter.tfinal=50", "adapter.delta_t=10", "optimizer.lr=1e-3"]
+PREFIX = MORE_METHODS["prefix"]
 ADAPTER_METHODS = {
     "lora": LORA,
-    "dylora": ["adapter.kind=dylora", "adapter.r=8", "adapter.alpha=16", "optimizer.lr=1e-3"],
-    "adalora": ["adapter.kind=adalora", "adapter.init_r=12", "adapter.target_r=8", "adapter.alpha=16",
-                "adapter.tinit=25", "adapter.tfinal=50", "adapter.delta_t=10", "optimizer.lr=1e-3"],
-    "vera": ["adapter.kind=vera", "adapter.r=256", "optimizer.lr=1e-2"],
-    "prompt": ["adapter.kind=prompt", "adapter.num_virtual_tokens=20", "optimizer.lr=3e-2"],
-    "prefix": ["adapter.kind=prefix", "adapter.num_virtual_tokens=16", "optimizer.lr=1e-2"],
-    "ptuning-v2": ["adapter.kind=ptuning-v2", "adapter.num_virtual_tokens=16", "optimizer.lr=1e-2"],
+    "dylora": MORE_METHODS["dylora"],
+    "adalora": ADALORA,
+    **{k: MORE_METHODS[k] for k in ("vera", "prompt", "prefix", "ptuning-v2")},
     "qa-lora(int4,g32)": METHODS["qa-lora(int4,g32)"],
-    # learning-rate probes for the two rows that stayed at chance at the shared settings
-    "adalora (lr 1e-2)": ["adapter.kind=adalora", "adapter.init_r=12", "adapter.target_r=8", "adapter.alpha=16",
-                          "adapter.tinit=25", "adapter.tfinal=50", "adapter.delta_t=10", "optimizer.lr=1e-2"],
-    "prefix (lr 1e-3)": ["adapter.kind=prefix", "adapter.num_virtual_tokens=16", "optimizer.lr=1e-3"],
-    # Li & Liang train the MLP-reparameterized prefix at 5e-5: Adam moves every MLP weight by ~lr per
-    # step, so at 1e-3 the prefix keys grow until attention sees only the prefix
-    "prefix (lr 1e-4)": ["adapter.kind=prefix", "adapter.num_virtual_tokens=16", "optimizer.lr=1e-4"],
-    "prefix (lr 5e-5)": ["adapter.kind=prefix", "adapter.num_virtual_tokens=16", "optimizer.lr=5e-5"],
-    "prefix (lr 3e-4)": ["adapter.kind=prefix", "adapter.num_virtual_tokens=16", "optimizer.lr=3e-4"],
+    # learning-rate probes for the two rows that stayed at chance at the shared settings (a later
+    # key=value overrides an earlier one). Li & Liang train the MLP-reparameterized prefix at 5e-5:
+    # Adam moves every MLP weight by ~lr per step, so at 1e-3 the prefix keys grow until attention
+    # sees only the prefix
+    "adalora (lr 1e-2)": ADALORA + ["optimizer.lr=1e-2"],
+    **{f"prefix (lr {lr})": PREFIX + [f"optimizer.lr={lr}"] for lr in ("1e-3", "1e-4", "5e-5", "3e-4")},
 }
 # QA-LoRA probes: A reads the group mean, so at LoRA's lr its update is ~g times smaller (see BENCHMARKS.md)
 QALORA = METHODS["qa-lora(int4,g32)"]
