@@ -1,4 +1,4 @@
-"""The `memtune` command: train, eval, merge, replay, demo.
+"""The `memtune` command: train, eval, merge, quantize, replay, demo.
 
 User errors (MemtuneError) print one line, `memtune: error: ...`, and exit with status 2.
 """
@@ -57,6 +57,18 @@ def cmd_merge(ns) -> int:
     return 0
 
 
+def cmd_quantize(ns) -> int:
+    from .quantize import quantize_to_folder
+    from .recipe import load_recipe
+
+    target, overrides = _split_target(ns.args)
+    if target is None:  # defaults for a bare command line (what trains later does not matter here)
+        given = {o.split("=", 1)[0] for o in overrides}
+        overrides = [d for d in ("quantize.kind=int4", "adapter.kind=head") if d.split("=")[0] not in given] + overrides
+    print(json.dumps(quantize_to_folder(load_recipe(target, overrides), ns.to)))
+    return 0
+
+
 def cmd_replay(ns) -> int:
     from .replay import replay_run
 
@@ -95,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lossy: quantize the merged weights to NF4 again and report the error it adds")
     m.add_argument("overrides", nargs="*", metavar="key=value")
     m.set_defaults(fn=cmd_merge)
+
+    q = sub.add_parser("quantize", help="store a model as group-wise INT (round to nearest or GPTQ) for later "
+                                        "runs: memtune quantize [CONFIG.yaml] key=value ... --to DIR")
+    q.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value")
+    q.add_argument("--to", required=True, help="output directory; train over it with model=DIR quantize.kind=int4")
+    q.set_defaults(fn=cmd_quantize)
 
     r = sub.add_parser("replay", help="rebuild a MeZO run's weights from its trajectory: memtune replay RUN_DIR --to DIR")
     r.add_argument("run_dir")

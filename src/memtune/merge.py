@@ -47,7 +47,8 @@ def merge(run_dir: str, to: str, overrides: list[str] = (), requantize: str | No
     if keep_quantized:  # QA-LoRA: a pure INT model, read back by memtune.storage.int4.load_quantized
         from .storage.int4 import save_quantized
 
-        return save_quantized(model, run.tokenizer, out)
+        return save_quantized(model, run.tokenizer, out, how={"method": "QA-LoRA merge", "run": str(run_dir),
+                                                              "base": run.recipe.model})
     model.save_pretrained(out)
     run.tokenizer.save_pretrained(out)
     return out

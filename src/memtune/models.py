@@ -136,6 +136,7 @@ class Loaded:
     model: nn.Module
     tokenizer: object
     source: str  # preset name, local path or hub id
+    stored_as: str | None = None  # a quantized folder's format (e.g. "INT4 group 32, gptq"); None: float
 
 
 def default_head(task: str) -> str:
@@ -205,21 +206,25 @@ def load_model(name: str, task: str, labels: list[str] | None = None,
     or, when given, `head` (one of HEADS).
 
     `quantize(head_names)` gives extra `from_pretrained` arguments that quantize the base while the
-    checkpoint is read (a storage's `load_kwargs`); presets are built in memory and ignore it."""
+    checkpoint is read (a storage's `load_kwargs`); presets are built in memory and ignore it. A
+    directory written by `memtune quantize` (or a merged QA-LoRA run) loads as the INT model it is."""
     head = head or default_head(task)
     if name in TINY_PRESETS:
         return build_preset(name, task, labels, head)
     path = minilm_path() if name == "minilm" else name
     from transformers import AutoTokenizer
 
+    from .storage.int4 import describe_folder, is_quantized_folder, load_quantized
+
     is_local = os.path.isdir(path)
     if not is_local and (os.path.sep in name and os.path.exists(os.path.dirname(name) or ".")
                          and name.startswith((".", "/"))):
         raise ModelError(f"model '{name}': no such directory")
     kwargs = _label_kwargs(head, labels)
-    if dtype is not None:
+    stored_as = describe_folder(path) if is_local and is_quantized_folder(path) else None
+    if dtype is not None and stored_as is None:
         kwargs["dtype"] = dtype
-    if quantize is not None:
+    if quantize is not None and stored_as is None:
         kwargs.update(quantize(_head_names(path, head, kwargs)))
     # weights missing from the checkpoint are drawn at random: for a new classification head from the
     # run's seed (train.seed); for an LM head (not new by design, and not saved by LoRA) from a fixed
@@ -229,7 +234,10 @@ def load_model(name: str, task: str, labels: list[str] | None = None,
         with _quiet_transformers(), torch.random.fork_rng(devices=[], enabled=seeded):
             if seeded:
                 torch.manual_seed(PRESET_SEED)
-            model, info = _auto_class(head).from_pretrained(path, output_loading_info=True, **kwargs)
+            if stored_as is not None:
+                model, info = load_quantized(path, _auto_class(head), **kwargs), {}
+            else:
+                model, info = _auto_class(head).from_pretrained(path, output_loading_info=True, **kwargs)
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         where = "local directory" if is_local else "hub id (offline or not found?)"
@@ -245,7 +253,7 @@ def load_model(name: str, task: str, labels: list[str] | None = None,
     if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
         model.config.pad_token_id = tok.pad_token_id
     model.config.name_or_path = name
-    return Loaded(model, tok, name)
+    return Loaded(model, tok, name, stored_as)
 
 
 def _head_names(path: str, head: str, kwargs: dict) -> list[str]:

@@ -126,6 +126,9 @@ def build_run(recipe: Recipe, train_records: list[Record] | None = None,
     loaded = load_model(recipe.model, recipe.task, recipe.data.labels, dtype=storage.load_dtype(), head=head,
                         quantize=lambda keep: storage.load_kwargs(keep, device))
     model = loaded.model
+    if loaded.stored_as and not storage.reads_int_folders:
+        raise ConfigError(f"model '{recipe.model}' is stored quantized ({loaded.stored_as}): train or evaluate it "
+                          f"with quantize.kind=int4 and the bits and group_size it was stored with")
     if recipe.prompt is not None:  # checks the label words against the tokenizer
         task = PromptClassificationTask(recipe.prompt, loaded.tokenizer, recipe.data.labels, recipe.data.max_length)
     else:

@@ -25,6 +25,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 class BaseStorage(ABC):
     quantized = False  # True: frozen weights are not floats (only an adapter can train over them)
+    reads_int_folders = False  # True: a model saved as group-wise INT (memtune quantize) can be its base
 
     def __init__(self, config: StorageConfig) -> None:
         self.config = config

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,21 +45,36 @@ class IntConfig(StorageConfig):
     kind: str = "int4"
     bits: int = 4  # 4, 3 or 2
     group_size: int = 32  # consecutive inputs sharing one scale and zero
+    # rtn: round to nearest, while the run loads. gptq: error-correcting rounding from calibration
+    # data (memtune.storage.gptq), done once by `memtune quantize ... --to DIR`; runs then use model=DIR
+    method: Literal["rtn", "gptq"] = "rtn"
+    calibration_samples: int = 128  # gptq: training examples whose tokens give H
+    damp: float = 0.01  # gptq: fraction of mean(diag H) added to H's diagonal
 
     def check(self, prefix: str) -> None:
         if self.bits not in (2, 3, 4):
             raise ConfigError(f"{prefix}.bits: expected 2, 3 or 4, got {self.bits}")
         if self.group_size < 1:
             raise ConfigError(f"{prefix}.group_size: expected >= 1, got {self.group_size}")
+        if self.calibration_samples < 1:
+            raise ConfigError(f"{prefix}.calibration_samples: expected >= 1, got {self.calibration_samples}")
+        if not 0 <= self.damp < 1:
+            raise ConfigError(f"{prefix}.damp: expected a fraction in [0, 1), got {self.damp}")
+
+
+def group_params(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (..., g) -> scale, zero (...): asymmetric min/max over the last dim."""
+    lo, hi = w.amin(-1), w.amax(-1)
+    scale = ((hi - lo) / (2 ** bits - 1)).clamp_min(1e-8)
+    return scale, -lo / scale
 
 
 def quantize_groups(w: torch.Tensor, bits: int, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """w (d_out, d_in) -> codes (d_out, d_in) uint8, scales and zeros (d_out, d_in/g) fp32."""
+    """w (d_out, d_in) -> codes (d_out, d_in) uint8, scales and zeros (d_out, d_in/g) fp32
+    (round to nearest; memtune.storage.gptq gives the same triple from calibration data)."""
     d_out, d_in = w.shape
     grouped = w.float().reshape(d_out, d_in // g, g)
-    lo, hi = grouped.amin(-1), grouped.amax(-1)  # (d_out, d_in/g)
-    scale = ((hi - lo) / (2 ** bits - 1)).clamp_min(1e-8)
-    zero = -lo / scale
+    scale, zero = group_params(grouped, bits)  # (d_out, d_in/g)
     q = torch.clamp(torch.round(grouped / scale[..., None] + zero[..., None]), 0, 2 ** bits - 1)
     return q.to(torch.uint8).reshape(d_out, d_in), scale, zero
 
@@ -108,8 +124,15 @@ class IntLinear(nn.Module):
 
     @classmethod
     def from_weight(cls, w: torch.Tensor, bias: torch.Tensor | None, bits: int, group_size: int) -> IntLinear:
-        layer = cls(w.shape[1], w.shape[0], bits, group_size, bias is not None, device=w.device)
-        q, s, z = quantize_groups(w, bits, group_size)
+        """Round-to-nearest codes of w (d_out, d_in)."""
+        return cls.from_codes(bias, *quantize_groups(w, bits, group_size), bits)
+
+    @classmethod
+    def from_codes(cls, bias: torch.Tensor | None, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
+                   bits: int) -> IntLinear:
+        """codes q (d_out, d_in), scales and zeros (d_out, d_in/g), e.g. from memtune.storage.gptq."""
+        (d_out, d_in), groups = q.shape, s.shape[1]
+        layer = cls(d_in, d_out, bits, d_in // groups, bias is not None, device=q.device)
         layer.qweight.data.copy_(pack_codes(q, bits))
         layer.scales.data.copy_(s)
         layer.zeros.data.copy_(z)
@@ -153,7 +176,7 @@ class _IntMatmul(torch.autograd.Function):
         return grad @ ctx.layer.dequantized().to(grad.dtype), None  # (..., d_in); the codes are frozen
 
 
-def _targets(model: nn.Module) -> list[str]:
+def quantizable_layers(model: nn.Module) -> list[str]:
     head_ids = {id(m) for h in head_modules(model).values() for m in h.modules()}
     return [n for n, m in model.named_modules()
             if is_linear(m) and id(m) not in head_ids and not getattr(m, "is_quantized_linear", False)]
@@ -163,11 +186,27 @@ def _targets(model: nn.Module) -> list[str]:
 class IntStorage(BaseStorage):
     config: IntConfig
     quantized = True
+    reads_int_folders = True
 
     def apply(self, model: nn.Module) -> None:
-        names = _targets(model)
+        names = quantizable_layers(model)
+        done = [m for m in model.modules() if isinstance(m, IntLinear)]
+        if done:  # loaded from a quantized folder (memtune quantize, or a merged QA-LoRA run)
+            if names:
+                raise ConfigError(f"quantize.kind=int4: the model is partly quantized already ('{names[0]}' is not)")
+            found = sorted({(m.bits, m.group_size) for m in done})
+            if found != [(self.config.bits, self.config.group_size)]:
+                raise ConfigError("quantize: the model's layers are stored as " + ", ".join(
+                    f"INT{b} group {g}" for b, g in found) + f"; the recipe asks for INT{self.config.bits} "
+                    f"group {self.config.group_size} (set quantize.bits and quantize.group_size to match)")
+            self.count, self.loaded_quantized = len(done), True
+            return
         if not names:
             raise ConfigError("quantize.kind=int4: the model has no linear layers outside its head to quantize")
+        if self.config.method == "gptq":
+            raise ConfigError("quantize.method=gptq: GPTQ needs calibration data and runs once, before training: "
+                              "`memtune quantize model=... data.train=FILE quantize.method=gptq --to DIR`, "
+                              "then train with model=DIR")
         for name in names:  # one layer at a time
             old = model.get_submodule(name)
             w = old.weight.data.T if type(old).__name__ == "Conv1D" else old.weight.data
@@ -192,46 +231,90 @@ class IntStorage(BaseStorage):
 
     def describe(self) -> dict:
         return {"kind": "int4", "bits": self.config.bits, "group_size": self.config.group_size,
-                "quantized_layers": getattr(self, "count", None)}
+                "quantized_layers": getattr(self, "count", None),
+                "loaded_quantized": getattr(self, "loaded_quantized", False)}
 
 
-def save_quantized(model: nn.Module, tokenizer, out: Path) -> Path:
-    """A merged INT model: transformers' files (config, safetensors with qweight/scales/zeros) plus
-    memtune_quantization.json listing the quantized layers; `load_quantized` reads it back."""
+def save_quantized(model: nn.Module, tokenizer, out: Path, how: dict | None = None) -> Path:
+    """An INT model: transformers' files (config, safetensors with qweight/scales/zeros) plus
+    memtune_quantization.json listing the quantized layers and `how` they were made (e.g. method,
+    calibration); `load_quantized` reads it back."""
     layers = {n: {"bits": m.bits, "group_size": m.group_size, "in": m.in_features, "out": m.out_features,
                   "bias": m.bias is not None}
               for n, m in model.named_modules() if isinstance(m, IntLinear)}
     model.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    meta = {"format": "memtune-int", "packing": PACKING, "layers": layers}
+    meta = {"format": "memtune-int", "packing": PACKING, **({"quantized_by": how} if how else {}), "layers": layers}
     (Path(out) / QUANT_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     return Path(out)
 
 
-def load_quantized(path: str | Path, auto_class=None) -> nn.Module:
-    """Rebuild a model saved by `save_quantized` (architecture from config.json, IntLinear layers)."""
+def is_quantized_folder(path: str | Path) -> bool:
+    return (Path(path) / QUANT_FILE).is_file()
+
+
+def describe_folder(path: str | Path) -> str:
+    """e.g. "INT4 group 32 (gptq)": the formats of a quantized folder's layers and how they were made."""
+    meta_file = Path(path) / QUANT_FILE
+    try:
+        meta = json.loads(meta_file.read_text())
+        formats = sorted({(spec["bits"], spec["group_size"]) for spec in meta["layers"].values()})
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"{meta_file}: not a memtune quantization file ({type(e).__name__}: {e})") from None
+    method = (meta.get("quantized_by") or {}).get("method", "")
+    return ", ".join(f"INT{b} group {g}" for b, g in formats) + (f" ({method})" if method else "")
+
+
+def load_quantized(path: str | Path, auto_class=None, **config_kwargs) -> nn.Module:
+    """Rebuild a model saved by `save_quantized` (architecture from config.json, IntLinear layers).
+
+    `auto_class` (default: causal LM) may differ from the class saved, e.g. a sequence classifier over
+    a quantized causal LM: head weights missing from the folder are initialized (global RNG, as
+    transformers does for a new head); any other missing weight is an error. `config_kwargs` (e.g.
+    num_labels) update the saved config. The skeleton is built without initializing its weights, so
+    the full-precision layers it replaces are never written (untouched pages, no resident memory)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    from ..models import head_modules
 
     p = Path(path)
     meta_file = p / QUANT_FILE
     if not meta_file.is_file():
-        raise ModelError(f"{p}: no {QUANT_FILE} (not a merged memtune INT model)")
+        raise ModelError(f"{p}: no {QUANT_FILE} (not a quantized memtune INT model)")
     meta = json.loads(meta_file.read_text())
     if meta.get("packing") != PACKING:
         raise ModelError(f"{meta_file}: codes packed as {meta.get('packing', 'one per byte')!r}; this memtune reads "
                          f"{PACKING!r} (merge the adapter again with this version)")
-    model = (auto_class or AutoModelForCausalLM).from_config(AutoConfig.from_pretrained(p))
+    with no_init_weights():
+        model = (auto_class or AutoModelForCausalLM).from_config(AutoConfig.from_pretrained(p, **config_kwargs))
     for name, spec in meta["layers"].items():
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise ModelError(f"{meta_file}: layer '{name}' is not in a {type(model).__name__}") from None
         set_submodule(model, name, IntLinear(spec["in"], spec["out"], spec["bits"], spec["group_size"], spec["bias"]))
     state = {}
     for f in sorted(p.glob("*.safetensors")):
         state.update(load_file(str(f)))
+    heads = head_modules(model)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    new_head = {k for k in state if k.split(".")[0] in heads and k in shapes and state[k].shape != shapes[k]}
+    state = {k: v for k, v in state.items() if k not in new_head}  # e.g. another number of labels
     missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
     missing = [k for k in missing if not _tied(model, k)]
+    fresh = {k.split(".")[0] for k in missing if k.split(".")[0] in heads}
+    missing = [k for k in missing if k.split(".")[0] not in fresh]
+    # the saved model's own head (e.g. an LM head, loaded now as a classifier): outside the backbone
+    unexpected = [k for k in unexpected if k.split(".")[0] == model.base_model_prefix]
     if missing or unexpected:
-        raise ModelError(f"{p}: weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ModelError(f"{p}: weights do not fit a {type(model).__name__}: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    for name in sorted(fresh):  # a head the folder does not hold: drawn as transformers draws a new one
+        heads[name].apply(model._init_weights)
     return model.eval()
 
 

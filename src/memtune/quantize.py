@@ -1,0 +1,82 @@
+"""`memtune quantize [CONFIG.yaml] key=value ... --to DIR`: store a model's linear layers (all but the
+head) as group-wise INT once, in a folder that later runs load as their base with model=DIR and
+quantize.kind=int4 (QA-LoRA over a GPTQ base is the QA-LoRA paper's setting).
+
+    quantize.method=rtn    round to nearest (what a run does itself while loading)
+    quantize.method=gptq   GPTQ (memtune.storage.gptq): each layer's rounding error corrected from the
+                           inputs it sees on `quantize.calibration_samples` examples of data.train
+
+The folder is the model as a run would build it (same head, drawn from train.seed for a new
+classifier) in memtune's INT format (memtune.storage.int4.save_quantized), with the tokenizer and
+`quantize_report.json`: per layer, the relative output error ||(Ŵ - W) X|| / ||W X|| on the
+calibration tokens for GPTQ and for round-to-nearest. It is written next to DIR and renamed into
+place when complete, so a killed run never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError, MemtuneError
+from .recipe import Recipe
+from .storage.int4 import IntConfig, IntStorage, quantizable_layers, save_quantized
+from .tasks import model_inputs
+
+
+def quantize_to_folder(recipe: Recipe, to: str | Path) -> dict:
+    cfg = recipe.quantize
+    if not isinstance(cfg, IntConfig):
+        raise ConfigError(f"quantize.kind={cfg.kind}: memtune quantize writes group-wise INT models "
+                          "(quantize.kind=int4); NF4 needs no separate step, a run quantizes while loading")
+    out = Path(to)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MemtuneError(f"--to {out}: exists and is not an empty directory")
+    from .adapters.head import HeadConfig
+    from .pipeline import build_run, read_train_records
+    from .storage import PlainConfig
+
+    # the float model with the run's head and nothing attached (the head adapter adds no module)
+    plain = copy.deepcopy(recipe)
+    plain.quantize, plain.adapter = PlainConfig(), HeadConfig()
+    if cfg.method == "gptq" and not recipe.data.train:
+        raise ConfigError("quantize.method=gptq: needs calibration data (data.train=FILE)")
+    records = read_train_records(recipe) if recipe.data.train else None
+    torch.manual_seed(recipe.train.seed)  # a new classifier head is drawn as `memtune train` draws it
+    run = build_run(plain, records)
+    model = run.model.eval()
+    names = quantizable_layers(model)
+    how = {"method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size, "base": recipe.model}
+    report: dict = {}
+    if cfg.method == "gptq":
+        from .storage.gptq import calibrate_and_quantize
+
+        chosen = list(records)
+        random.Random(recipe.train.seed).shuffle(chosen)
+        data = run.load_data(recipe.data.train, recipe.data.split, chosen[:cfg.calibration_samples])
+        batches = list(run.batches(data, recipe.train.eval_batch_size or recipe.train.batch_size))
+        tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
+        how["calibration"] = {"data": recipe.data.train, "examples": len(data), "tokens": tokens,
+                              "seed": recipe.train.seed, "damp": cfg.damp, "max_length": recipe.data.max_length}
+        with torch.no_grad(), run.forward_ctx()():
+            report = calibrate_and_quantize(model, names, batches, lambda b: model(**model_inputs(b)),
+                                            cfg.bits, cfg.group_size, cfg.damp)
+    else:
+        IntStorage(cfg).apply(model)
+    model.to("cpu")
+    partial = out.parent / f".{out.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    save_quantized(model, run.tokenizer, partial, how=how)
+    summary = {"quantized": str(out), **how, "layers": len(names)}
+    if report:
+        summary["output_error_mean"] = {k: sum(r[k] for r in report.values()) / len(report) for k in ("gptq", "rtn")}
+    (partial / "quantize_report.json").write_text(json.dumps({**summary, "per_layer": report}, indent=2) + "\n")
+    if out.exists():
+        out.rmdir()  # empty (checked above)
+    partial.rename(out)
+    return summary
