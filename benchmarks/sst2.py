@@ -103,6 +103,12 @@ METHODS["qa-lora(int4,g32), alpha 192, lr 3e-3"] = QALORA + ["adapter.alpha=192"
 METHODS["qa-lora(int4,g32), lr 7e-3"] = QALORA + ["optimizer.lr=7e-3"]
 METHODS["qa-lora(int4,g32), lr 1.5e-2"] = QALORA + ["optimizer.lr=1.5e-2"]
 METHODS["lora over int4 (no pooling)"] = LORA + ["quantize.kind=int4", "quantize.bits=4", "quantize.group_size=32"]
+# the QA-LoRA paper's base: GPTQ instead of round-to-nearest, quantized once per seed by `memtune quantize`
+# (calibration: --calibration-samples sentences of the training subset); GPTQ_BASE is replaced by its folder
+GPTQ_BASE = "model=<gptq base>"
+METHODS["qa-lora over gptq(int4,g32), lr 1.5e-2"] = QALORA + ["optimizer.lr=1.5e-2", GPTQ_BASE]
+METHODS["qa-lora over gptq(int4,g32), lr 1e-2"] = QALORA + ["optimizer.lr=1e-2", GPTQ_BASE]
+METHODS["lora over gptq int4 (no pooling)"] = METHODS["lora over int4 (no pooling)"] + [GPTQ_BASE]
 SUITES = {"backprop": METHODS, "mezo": MEZO_METHODS, "adapters": ADAPTER_METHODS}
 
 
@@ -127,6 +133,9 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--methods", default=None, help="';'-separated method names (default: the whole suite)")
     ap.add_argument("--set", action="append", default=[], help="extra key=value override for every method")
+    ap.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0],
+                    help="train.seed values, e.g. 0,1,2: data order, adapter and head init (and the GPTQ sample)")
+    ap.add_argument("--calibration-samples", type=int, default=1024, help="GPTQ rows: calibration sentences")
     args = ap.parse_args()
     methods = SUITES[args.suite]
     mezo = args.suite == "mezo"
@@ -137,31 +146,67 @@ def main() -> None:
     subset = write_subset(sst2, out, args.train_examples)
     shared = ["model=minilm", "task=classification", f"data.train={subset}", f"data.eval={sst2 / 'dev.tsv'}",
               "data.labels=[0,1]", "data.max_length=64", "train.batch_size=16", "train.schedule=linear",
-              "train.warmup_steps=25", "train.seed=0", "train.progress=false", "train.eval_at_start=true"]
+              "train.warmup_steps=25", "train.progress=false", "train.eval_at_start=true"]
     shared += [f"train.max_steps={args.steps}"] if mezo else [f"train.epochs={args.epochs}"]
     rows = []
-    for name in args.methods.split(";") if args.methods else list(methods):
+    names = args.methods.split(";") if args.methods else list(methods)
+    for seed, name in [(seed, name) for seed in args.seeds for name in names]:
         t0 = time.perf_counter()
-        run_dir = out / "".join(c if c.isalnum() or c == "-" else "_" for c in name)
-        recipe = shared + methods[name] + args.set
+        run_dir = out / ("".join(c if c.isalnum() or c == "-" else "_" for c in name) + (f"-seed{seed}" if seed else ""))
+        recipe = shared + [f"train.seed={seed}"] + methods[name] + args.set
+        base = {}
+        if GPTQ_BASE in recipe:
+            base = gptq_base(out, [o for o in recipe if o != GPTQ_BASE], args.calibration_samples)
+            recipe = [o for o in recipe if o != GPTQ_BASE] + [f"model={base['quantized']}"]
+            t0 = time.perf_counter()  # quantizing is reported apart (base_seconds)
         s = train(build_recipe({}, recipe + [f"output_dir={run_dir}"]))
         wall = time.perf_counter() - t0
-        rows.append({"method": name, "tokens_per_second": s["train"]["tokens_per_second"], "dev_accuracy": s["eval"]["accuracy"], "dev_accuracy_start":
+        rows.append({"method": name, "seed": seed, "tokens_per_second": s["train"]["tokens_per_second"], "dev_accuracy": s["eval"]["accuracy"], "dev_accuracy_start":
                      s["eval_start"]["accuracy"], "dev_loss": s["eval"]["loss"], "steps": s["train"]["steps"],
                      "train_seconds": s["train"]["seconds"], "wall_seconds": wall,
                      "seconds_per_step": s["train"]["seconds"] / s["train"]["steps"],
                      "params_trainable": s["params"]["trainable"], "memory_bytes": s["memory_bytes"],
-                     "recipe": methods[name] + args.set})
+                     "recipe": methods[name] + args.set, **({"base": base} if base else {})})
         print(f"{name}: dev accuracy {s['eval']['accuracy']:.4f} in {wall:.0f}s", flush=True)
         # written after every method, so a run stopped part-way keeps the rows it finished
         path = write_results(args, suffix, mezo, rows)
-    print(table(["method", "trainable", "dev acc (start)", "dev acc", "steps", "s/step", "wall s", "grads MiB",
+    print(table(["method", "seed", "trainable", "dev acc (start)", "dev acc", "steps", "s/step", "wall s", "grads MiB",
                  "optim MiB", "activ MiB", "peak MiB"],
-                [[r["method"], f"{r['params_trainable']:,}", f"{r['dev_accuracy_start']:.3f}",
+                [[r["method"], r["seed"], f"{r['params_trainable']:,}", f"{r['dev_accuracy_start']:.3f}",
                   f"{r['dev_accuracy']:.4f}", r["steps"], f"{r['seconds_per_step']:.3f}", f"{r['wall_seconds']:.0f}",
                   mib(r["memory_bytes"]["gradients"]), mib(r["memory_bytes"]["optimizer"]),
                   mib(r["memory_bytes"]["activations"]), mib(r["memory_bytes"]["peak"])] for r in rows]))
+    if len(args.seeds) > 1:
+        print(seed_summary(json.loads(path.read_text())["rows"], names))  # every seed run so far
     print(f"wrote {path}")
+
+
+def seed_summary(rows: list[dict], names: list[str]) -> str:
+    """Dev accuracy mean ± sample std over seeds, per method."""
+    import statistics
+
+    out = []
+    for name in names:
+        acc = [r["dev_accuracy"] for r in sorted(rows, key=lambda r: r.get("seed", 0)) if r["method"] == name]
+        sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        out.append([name, len(acc), f"{statistics.mean(acc):.4f}", f"{sd:.4f}", " ".join(f"{a:.4f}" for a in acc)])
+    return table(["method", "seeds", "mean dev acc", "std", "per seed"], out)
+
+
+def gptq_base(out: Path, recipe: list[str], samples: int) -> dict:
+    """The recipe's base quantized by GPTQ (memtune quantize) into out/, once per bits, group and seed."""
+    from memtune.quantize import quantize_to_folder
+
+    keep = [o for o in recipe if not o.startswith(("adapter.", "optimizer.", "quantize.method", "output_dir"))]
+    r = build_recipe({}, keep + ["adapter.kind=head", "quantize.method=gptq",
+                                 f"quantize.calibration_samples={samples}"])
+    folder = out / f"gptq-int{r.quantize.bits}-g{r.quantize.group_size}-seed{r.train.seed}-n{samples}"
+    report = folder / "quantize_report.json"
+    if report.exists():
+        return {k: v for k, v in json.loads(report.read_text()).items() if k != "per_layer"}
+    summary = quantize_to_folder(r, folder)
+    print(f"GPTQ base {folder}: output error {summary['output_error_mean']} in {summary['seconds']:.0f}s", flush=True)
+    return summary
 
 
 def write_results(args, suffix: str, mezo: bool, rows: list[dict]) -> Path:
@@ -169,8 +214,8 @@ def write_results(args, suffix: str, mezo: bool, rows: list[dict]) -> Path:
     name = f"sst2{suffix}"
     old = RESULTS / f"{name}.json"
     if args.methods and old.exists():
-        mine = {r["method"] for r in rows}
-        rows = [r for r in json.loads(old.read_text())["rows"] if r["method"] not in mine] + rows
+        mine = {(r["method"], r["seed"]) for r in rows}
+        rows = [r for r in json.loads(old.read_text())["rows"] if (r["method"], r.get("seed", 0)) not in mine] + rows
     if args.suite == "adapters":
         plot(rows, RESULTS / f"{name}.png")
     return save(name, {

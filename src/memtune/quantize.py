@@ -19,6 +19,7 @@ import copy
 import json
 import random
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -41,6 +42,7 @@ def quantize_to_folder(recipe: Recipe, to: str | Path) -> dict:
     from .pipeline import build_run, read_train_records
     from .storage import PlainConfig
 
+    t0 = time.perf_counter()
     # the float model with the run's head and nothing attached (the head adapter adds no module)
     plain = copy.deepcopy(recipe)
     plain.quantize, plain.adapter = PlainConfig(), HeadConfig()
@@ -72,7 +74,7 @@ def quantize_to_folder(recipe: Recipe, to: str | Path) -> dict:
     partial = out.parent / f".{out.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     save_quantized(model, run.tokenizer, partial, how=how)
-    summary = {"quantized": str(out), **how, "layers": len(names)}
+    summary = {"quantized": str(out), **how, "layers": len(names), "seconds": round(time.perf_counter() - t0, 1)}
     if report:
         summary["output_error_mean"] = {k: sum(r[k] for r in report.values()) / len(report) for k in ("gptq", "rtn")}
     (partial / "quantize_report.json").write_text(json.dumps({**summary, "per_layer": report}, indent=2) + "\n")
