@@ -109,6 +109,12 @@ def test_quantize_writes_a_folder_that_later_runs_train_over(tmp_path):
     assert summary["layers"] == len(report["per_layer"]) > 0
     assert summary["calibration"]["examples"] == 16 and summary["calibration"]["tokens"] > 0
     assert summary["output_error_mean"]["gptq"] < summary["output_error_mean"]["rtn"]
+    # the same held-out examples (after the 16 calibration ones) measured for round-to-nearest
+    rtn = quantize_to_folder(load_recipe(None, ["model=tiny-llama", f"data.train={ALPACA}", "quantize.kind=int4",
+                                                "quantize.calibration_samples=16", "adapter.kind=head"]),
+                             tmp_path / "rtn")
+    assert rtn["held_out_examples"] == summary["held_out_examples"] > 0
+    assert 0 < summary["held_out_logits_error"] < rtn["held_out_logits_error"]
     loaded = load_model(str(folder), "causal-lm")
     assert loaded.stored_as == "INT4 group 32 (gptq)"
     layers = {n: m for n, m in loaded.model.named_modules() if isinstance(m, IntLinear)}

@@ -9,7 +9,8 @@ quantize.kind=int4 (QA-LoRA over a GPTQ base is the QA-LoRA paper's setting).
 The folder is the model as a run would build it (same head, drawn from train.seed for a new
 classifier) in memtune's INT format (memtune.storage.int4.save_quantized), with the tokenizer and
 `quantize_report.json`: per layer, the relative output error ||(Ŵ - W) X|| / ||W X|| on the
-calibration tokens for GPTQ and for round-to-nearest. It is written next to DIR and renamed into
+calibration tokens for GPTQ and for round-to-nearest, and for the whole model the relative change of
+its logits on 64 training examples outside the calibration sample (either method). It is written next to DIR and renamed into
 place when complete, so a killed run never leaves a half-written model behind.
 """
 
@@ -28,6 +29,8 @@ from .errors import ConfigError, MemtuneError
 from .recipe import Recipe
 from .storage.int4 import IntConfig, IntStorage, quantizable_layers, save_quantized
 from .tasks import model_inputs
+
+HELD_OUT = 64  # examples after the calibration sample that measure the quantized model's output error
 
 
 def quantize_to_folder(recipe: Recipe, to: str | Path) -> dict:
@@ -55,13 +58,19 @@ def quantize_to_folder(recipe: Recipe, to: str | Path) -> dict:
     names = quantizable_layers(model)
     how = {"method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size, "base": recipe.model}
     report: dict = {}
+    bs = recipe.train.eval_batch_size or recipe.train.batch_size
+    chosen = list(records or [])
+    random.Random(recipe.train.seed).shuffle(chosen)
+    n = cfg.calibration_samples
+    # examples after the calibration ones (used by GPTQ only, skipped by RTN too, so both methods are
+    # measured on the same examples): how far the quantized model's outputs move on unseen text
+    held = run.load_data(recipe.data.train, recipe.data.split, chosen[n:n + HELD_OUT]) if chosen[n:] else None
+    before = _logits(run, model, held, bs) if held is not None else None
     if cfg.method == "gptq":
         from .storage.gptq import calibrate_and_quantize
 
-        chosen = list(records)
-        random.Random(recipe.train.seed).shuffle(chosen)
-        data = run.load_data(recipe.data.train, recipe.data.split, chosen[:cfg.calibration_samples])
-        batches = list(run.batches(data, recipe.train.eval_batch_size or recipe.train.batch_size))
+        data = run.load_data(recipe.data.train, recipe.data.split, chosen[:n])
+        batches = list(run.batches(data, bs))
         tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
         how["calibration"] = {"data": recipe.data.train, "examples": len(data), "tokens": tokens,
                               "seed": recipe.train.seed, "damp": cfg.damp, "max_length": recipe.data.max_length}
@@ -70,11 +79,17 @@ def quantize_to_folder(recipe: Recipe, to: str | Path) -> dict:
                                             cfg.bits, cfg.group_size, cfg.damp)
     else:
         IntStorage(cfg).apply(model)
+    held_out = {}
+    if before is not None:  # ||L_q - L|| / ||L|| over the logits of the held-out examples' real tokens
+        after = _logits(run, model, held, bs)
+        held_out = {"held_out_examples": len(held),
+                    "held_out_logits_error": float((after - before).norm() / before.norm().clamp_min(1e-30))}
     model.to("cpu")
     partial = out.parent / f".{out.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     save_quantized(model, run.tokenizer, partial, how=how)
-    summary = {"quantized": str(out), **how, "layers": len(names), "seconds": round(time.perf_counter() - t0, 1)}
+    summary = {"quantized": str(out), **how, "layers": len(names), "seconds": round(time.perf_counter() - t0, 1),
+               **held_out}
     if report:
         summary["output_error_mean"] = {k: sum(r[k] for r in report.values()) / len(report) for k in ("gptq", "rtn")}
     (partial / "quantize_report.json").write_text(json.dumps({**summary, "per_layer": report}, indent=2) + "\n")
@@ -82,3 +97,14 @@ def quantize_to_folder(recipe: Recipe, to: str | Path) -> dict:
         out.rmdir()  # empty (checked above)
     partial.rename(out)
     return summary
+
+
+@torch.no_grad()
+def _logits(run, model, data, batch_size: int) -> torch.Tensor:
+    """The model's fp32 logits at every real (unpadded) position of `data`, concatenated: (N, V) or (B, C)."""
+    out = []
+    with run.forward_ctx()():
+        for b in run.batches(data, batch_size):
+            logits = model(**model_inputs(b)).logits.float()
+            out.append(logits[b["attention_mask"].bool()] if logits.dim() == 3 else logits)
+    return torch.cat(out)
