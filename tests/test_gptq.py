@@ -114,7 +114,7 @@ def test_quantize_writes_a_folder_that_later_runs_train_over(tmp_path):
                                                 "quantize.calibration_samples=16", "adapter.kind=head"]),
                              tmp_path / "rtn")
     assert rtn["held_out_examples"] == summary["held_out_examples"] > 0
-    assert 0 < summary["held_out_logits_error"] < rtn["held_out_logits_error"]
+    assert 0 < summary["held_out_hidden_error"] < rtn["held_out_hidden_error"]
     loaded = load_model(str(folder), "causal-lm")
     assert loaded.stored_as == "INT4 group 32 (gptq)"
     layers = {n: m for n, m in loaded.model.named_modules() if isinstance(m, IntLinear)}

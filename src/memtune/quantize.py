@@ -10,7 +10,7 @@ The folder is the model as a run would build it (same head, drawn from train.see
 classifier) in memtune's INT format (memtune.storage.int4.save_quantized), with the tokenizer and
 `quantize_report.json`: per layer, the relative output error ||(Ŵ - W) X|| / ||W X|| on the
 calibration tokens for GPTQ and for round-to-nearest, and for the whole model the relative change of
-its logits on 64 training examples outside the calibration sample (either method). It is written next to DIR and renamed into
+its last hidden state on 64 training examples outside the calibration sample (either method). It is written next to DIR and renamed into
 place when complete, so a killed run never leaves a half-written model behind.
 """
 
@@ -65,7 +65,7 @@ def quantize_to_folder(recipe: Recipe, to: str | Path) -> dict:
     # examples after the calibration ones (used by GPTQ only, skipped by RTN too, so both methods are
     # measured on the same examples): how far the quantized model's outputs move on unseen text
     held = run.load_data(recipe.data.train, recipe.data.split, chosen[n:n + HELD_OUT]) if chosen[n:] else None
-    before = _logits(run, model, held, bs) if held is not None else None
+    before = _hidden(run, model, held, bs) if held is not None else None
     if cfg.method == "gptq":
         from .storage.gptq import calibrate_and_quantize
 
@@ -80,10 +80,10 @@ def quantize_to_folder(recipe: Recipe, to: str | Path) -> dict:
     else:
         IntStorage(cfg).apply(model)
     held_out = {}
-    if before is not None:  # ||L_q - L|| / ||L|| over the logits of the held-out examples' real tokens
-        after = _logits(run, model, held, bs)
+    if before is not None:  # ||H_q - H|| / ||H|| over the held-out examples' real tokens
+        after = _hidden(run, model, held, bs)
         held_out = {"held_out_examples": len(held),
-                    "held_out_logits_error": float((after - before).norm() / before.norm().clamp_min(1e-30))}
+                    "held_out_hidden_error": float((after - before).norm() / before.norm().clamp_min(1e-30))}
     model.to("cpu")
     partial = out.parent / f".{out.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
@@ -100,11 +100,12 @@ def quantize_to_folder(recipe: Recipe, to: str | Path) -> dict:
 
 
 @torch.no_grad()
-def _logits(run, model, data, batch_size: int) -> torch.Tensor:
-    """The model's fp32 logits at every real (unpadded) position of `data`, concatenated: (N, V) or (B, C)."""
+def _hidden(run, model, data, batch_size: int) -> torch.Tensor:
+    """The backbone's last hidden state at every real (unpadded) token of `data`: (N, d) fp32. Not the
+    logits: a new classifier head is random, and its few outputs would say little."""
     out = []
     with run.forward_ctx()():
         for b in run.batches(data, batch_size):
-            logits = model(**model_inputs(b)).logits.float()
-            out.append(logits[b["attention_mask"].bool()] if logits.dim() == 3 else logits)
+            h = model(**model_inputs(b), output_hidden_states=True).hidden_states[-1].float()  # (B, T, d)
+            out.append(h[b["attention_mask"].bool()])
     return torch.cat(out)
