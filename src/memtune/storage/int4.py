@@ -15,8 +15,12 @@ The float zero point is what lets QA-LoRA fold its update into the quantized mod
 is constant within each group, c[o, j], is absorbed exactly by zero[o, j] -= c[o, j] / scale[o, j]
 (see memtune.adapters.qalora).
 
+Codes come from round-to-nearest while a run loads (`quantize_groups`), or from GPTQ once, ahead of
+training (memtune.storage.gptq through `memtune quantize`, which saves a folder in this format that
+runs then load as their base: `load_quantized`).
+
 Our own code, not a library's: bitsandbytes has no group-wise INT format, and GPTQ/AWQ packages
-need CUDA kernels and calibration data; round-to-nearest group quantization is a few tensor ops.
+need CUDA kernels; round-to-nearest group quantization is a few tensor ops.
 """
 
 from __future__ import annotations
