@@ -9,6 +9,9 @@ and head) as safetensors in a temporary folder, then loads it in a fresh process
     nf4 after loading         from_pretrained in fp32, then NF4Storage.apply one layer at a time
     nf4 while loading         memtune's path: transformers quantizes each linear weight as it is read
     int4 after loading        from_pretrained in fp32, then IntStorage.apply (QA-LoRA's base)
+    int4 folder               the INT4 model written by `memtune quantize` (save_quantized), loaded
+                              by load_model -> load_quantized: a skeleton whose weights are never
+                              initialized, the codes read from the folder
 
 Memory is the process's resident set (VmRSS in /proc/self/status) minus its value before loading:
 the peak is the kernel's high-water mark (VmHWM), exact, not sampled. It includes the pages of the
@@ -32,7 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import save, table  # noqa: E402
 
-MODES = ["fp32", "nf4 after loading", "nf4 while loading", "int4 after loading"]
+MODES = ["fp32", "nf4 after loading", "nf4 while loading", "int4 after loading", "int4 folder"]
+INT_FOLDER = "int4"  # inside the checkpoint folder: the same model written by IntStorage + save_quantized
 
 
 def status(field: str) -> int:
@@ -67,6 +71,7 @@ def child(mode: str, path: str) -> dict:
     sampler.start()
     t0 = time.perf_counter()
     quantize = storage.load_kwargs if mode.endswith("while loading") else None
+    path = str(Path(path) / INT_FOLDER) if mode == "int4 folder" else path
     model = load_model(path, "causal-lm", quantize=quantize).model
     if storage is not None:
         storage.apply(model)
@@ -107,6 +112,10 @@ def main() -> None:
         from memtune.models import byte_tokenizer
 
         byte_tokenizer().save_pretrained(tmp)
+        from memtune.storage.int4 import IntConfig, IntStorage, save_quantized
+
+        IntStorage(IntConfig()).apply(model)  # what `memtune quantize` writes (round to nearest)
+        save_quantized(model, byte_tokenizer(), Path(tmp) / INT_FOLDER, how={"method": "rtn"})
         del model
         for mode in MODES:
             runs = []

@@ -15,7 +15,7 @@ training sentences; then the probes behind the chosen settings.
 Suite `adapters`: every adapter of the family (LoRA, DyLoRA, AdaLoRA, VeRA, prompt tuning, prefix
 tuning, P-Tuning v2, QA-LoRA) with the backprop suite's data and settings, plus a PNG.
 All report dev accuracy (872 sentences) before and after, time per step and measured memory, and
-write benchmarks/results/sst2[-mezo].json.
+write benchmarks/results/sst2[-suite][-Nep].json (-Nep: --epochs other than 1).
 """
 
 from __future__ import annotations
@@ -141,6 +141,8 @@ def main() -> None:
     mezo = args.suite == "mezo"
     args.train_examples = args.train_examples or (20000 if mezo else 4000)
     suffix = "" if args.suite == "backprop" else f"-{args.suite}"
+    if not mezo and args.epochs != 1:  # e.g. sst2-3ep.json, runs/bench-sst2-3ep: apart from the 1-epoch rows
+        suffix += f"-{args.epochs:g}ep"
     args.out = args.out or f"runs/bench-sst2{suffix}"
     sst2, out = Path(args.sst2), Path(args.out)
     subset = write_subset(sst2, out, args.train_examples)
