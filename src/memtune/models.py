@@ -136,7 +136,7 @@ class Loaded:
     model: nn.Module
     tokenizer: object
     source: str  # preset name, local path or hub id
-    stored_as: str | None = None  # a quantized folder's format (e.g. "INT4 group 32, gptq"); None: float
+    stored_as: str | None = None  # a quantized folder's format (e.g. "INT4 group 32 (gptq)"); None: float
 
 
 def default_head(task: str) -> str:
