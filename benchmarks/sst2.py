@@ -103,6 +103,11 @@ METHODS["qa-lora(int4,g32), alpha 192, lr 3e-3"] = QALORA + ["adapter.alpha=192"
 METHODS["qa-lora(int4,g32), lr 7e-3"] = QALORA + ["optimizer.lr=7e-3"]
 METHODS["qa-lora(int4,g32), lr 1.5e-2"] = QALORA + ["optimizer.lr=1.5e-2"]
 METHODS["lora over int4 (no pooling)"] = LORA + ["quantize.kind=int4", "quantize.bits=4", "quantize.group_size=32"]
+# smaller groups: A reads d_in/8 group means (48 on MiniLM's 384-wide layers, not 12); the base is
+# finer too (12 bits per weight as stored), so this mixes a better base with a wider adapter input
+for lr in ("3e-3", "1e-2"):
+    METHODS[f"qa-lora(int4,g8), lr {lr}"] = [o for o in QALORA if o != "quantize.group_size=32"] + [
+        "quantize.group_size=8", f"optimizer.lr={lr}"]
 # the QA-LoRA paper's base: GPTQ instead of round-to-nearest, quantized once per seed by `memtune quantize`
 # (calibration: --calibration-samples sentences of the training subset); GPTQ_BASE is replaced by its folder
 GPTQ_BASE = "model=<gptq base>"

@@ -34,6 +34,8 @@ HELD_OUT = 64  # examples after the calibration sample that measure the quantize
 
 
 def quantize_to_folder(recipe: Recipe, to: str | Path) -> dict:
+    """Quantize the recipe's model as `recipe.quantize` says (an IntConfig) into the folder `to`;
+    returns the summary written to its quantize_report.json (without the per-layer rows)."""
     cfg = recipe.quantize
     if not isinstance(cfg, IntConfig):
         raise ConfigError(f"quantize.kind={cfg.kind}: memtune quantize writes group-wise INT models "

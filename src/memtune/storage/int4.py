@@ -277,7 +277,8 @@ def load_quantized(path: str | Path, auto_class=None, **config_kwargs) -> nn.Mod
     a quantized causal LM: head weights missing from the folder are initialized (global RNG, as
     transformers does for a new head); any other missing weight is an error. `config_kwargs` (e.g.
     num_labels) update the saved config. The skeleton is built without initializing its weights, so
-    the full-precision layers it replaces are never written (untouched pages, no resident memory)."""
+    the full-precision layers it replaces are never written (untouched pages, no resident memory), and
+    the tensors read from the folder become its parameters as they are."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
@@ -307,7 +308,9 @@ def load_quantized(path: str | Path, auto_class=None, **config_kwargs) -> nn.Mod
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     new_head = {k for k in state if k.split(".")[0] in heads and k in shapes and state[k].shape != shapes[k]}
     state = {k: v for k, v in state.items() if k not in new_head}  # e.g. another number of labels
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    # assign: the file's tensors become the parameters (no second copy; the skeleton's never-written
+    # allocations are freed); tie_weights re-ties what assignment untied (e.g. the LM head to the embeddings)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     missing = [k for k in missing if not _tied(model, k)]
     fresh = {k.split(".")[0] for k in missing if k.split(".")[0] in heads}
