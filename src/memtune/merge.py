@@ -65,7 +65,7 @@ def _save_requantized_nf4(model, run, deltas: dict[str, float], out: Path) -> Pa
     import json
 
     import bitsandbytes.functional as F
-    from .models import head_modules, is_linear
+    from .models import head_modules, is_linear, out_in_weight
     from .storage.nf4 import BLOCKSIZE, NF4Config, NF4Storage
     from .tasks import model_inputs
 
@@ -77,8 +77,7 @@ def _save_requantized_nf4(model, run, deltas: dict[str, float], out: Path) -> Pa
     for name, m in model.named_modules():
         if not is_linear(m) or id(m) in head_ids:
             continue
-        w = m.weight.float()
-        w = w.T if type(m).__name__ == "Conv1D" else w  # (out, in)
+        w = out_in_weight(m).float()  # (out, in)
         codes, state = F.quantize_4bit(w.contiguous(), blocksize=BLOCKSIZE, compress_statistics=cfg.double_quant,
                                        quant_type="nf4")
         err = float((F.dequantize_4bit(codes, state) - w).norm())

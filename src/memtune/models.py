@@ -292,6 +292,12 @@ def head_modules(model: nn.Module) -> dict[str, nn.Module]:
     return heads
 
 
+def out_in_weight(module: nn.Module) -> torch.Tensor:
+    """A linear layer's weight as (d_out, d_in): GPT-2's Conv1D stores it (d_in, d_out)."""
+    w = module.weight.data
+    return w.T if type(module).__name__ == "Conv1D" else w
+
+
 def is_linear(module: nn.Module) -> bool:
     """nn.Linear, GPT-2's Conv1D (weights stored (in, out)), or a quantized linear layer of memtune's."""
     return (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"

@@ -39,7 +39,8 @@ from torch import nn
 
 from ..adapters.targets import set_submodule
 from ..errors import ConfigError
-from .int4 import IntLinear, group_params, quantize_groups
+from ..models import out_in_weight
+from .int4 import IntLinear, dequantize_groups, group_params, quantize_groups
 
 
 def gptq_groups(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, damp: float = 0.01,
@@ -144,7 +145,7 @@ def calibrate_and_quantize(model: nn.Module, names: list[str], batches: list[dic
             if name not in hess:
                 raise ConfigError(f"quantize.method=gptq: the calibration data never reached '{name}'")
             layer = model.get_submodule(name)
-            w = layer.weight.data.T if type(layer).__name__ == "Conv1D" else layer.weight.data  # (d_out, d_in)
+            w = out_in_weight(layer)  # (d_out, d_in)
             H = 2 * hess.pop(name) / tokens[name]  # (d_in, d_in)
             q, s, z = gptq_groups(w, H, bits, group_size, damp)
             report[name] = {"gptq": _output_error(w, q, s, z, H, group_size),
@@ -155,6 +156,6 @@ def calibrate_and_quantize(model: nn.Module, names: list[str], batches: list[dic
 
 def _output_error(w, q, s, z, H, g: int) -> float:
     """sqrt(tr(D H Dᵀ) / tr(W H Wᵀ)) with D = Ŵ - W: ||(Ŵ - W) X|| / ||W X|| over the calibration tokens."""
-    deq = ((q.float().unflatten(1, (-1, g)) - z[..., None]) * s[..., None]).flatten(1)
-    d, w = deq - w.float(), w.float()
+    w = w.float()
+    d = dequantize_groups(q, s, z, g) - w
     return float(((d @ H) * d).sum().clamp_min(0).sqrt() / ((w @ H) * w).sum().clamp_min(1e-30).sqrt())

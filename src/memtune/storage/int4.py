@@ -36,7 +36,7 @@ from torch import nn
 
 from ..adapters.targets import set_submodule
 from ..errors import ConfigError, ModelError
-from ..models import head_modules, is_linear
+from ..models import head_modules, is_linear, out_in_weight
 from ..recipe import StorageConfig
 from . import STORAGE, BaseStorage
 
@@ -81,6 +81,12 @@ def quantize_groups(w: torch.Tensor, bits: int, g: int) -> tuple[torch.Tensor, t
     scale, zero = group_params(grouped, bits)  # (d_out, d_in/g)
     q = torch.clamp(torch.round(grouped / scale[..., None] + zero[..., None]), 0, 2 ** bits - 1)
     return q.to(torch.uint8).reshape(d_out, d_in), scale, zero
+
+
+def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g: int) -> torch.Tensor:
+    """codes q (d_out, d_in), scale and zero (d_out, d_in/g) -> W~ (d_out, d_in) fp32: (q - zero) * scale."""
+    grouped = q.float().unflatten(1, (-1, g))  # (d_out, d_in/g, g)
+    return ((grouped - zero[..., None]) * scale[..., None]).flatten(1)
 
 
 def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -154,9 +160,7 @@ class IntLinear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """W~ (d_out, d_in) in fp32: (q - zero) * scale, group by group."""
-        g = self.group_size
-        q = self.codes().float().unflatten(1, (-1, g))  # (d_out, d_in/g, g)
-        return ((q - self.zeros[..., None]) * self.scales[..., None]).flatten(1)
+        return dequantize_groups(self.codes(), self.scales, self.zeros, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _IntMatmul.apply(x, self)
@@ -213,7 +217,7 @@ class IntStorage(BaseStorage):
                               "then train with model=DIR")
         for name in names:  # one layer at a time
             old = model.get_submodule(name)
-            w = old.weight.data.T if type(old).__name__ == "Conv1D" else old.weight.data
+            w = out_in_weight(old)
             if w.shape[1] % self.config.group_size:
                 raise ConfigError(f"quantize.group_size={self.config.group_size}: does not divide the "
                                   f"{w.shape[1]} inputs of '{name}'")

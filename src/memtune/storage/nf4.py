@@ -32,7 +32,7 @@ from torch import nn
 
 from ..adapters.targets import set_submodule
 from ..errors import ConfigError
-from ..models import head_modules, is_linear
+from ..models import head_modules, is_linear, out_in_weight
 from ..recipe import StorageConfig
 from . import DTYPES, STORAGE, BaseStorage
 
@@ -84,9 +84,7 @@ class NF4Storage(BaseStorage):
         compute = DTYPES[self.config.compute_dtype]
         for name in names:  # one layer at a time
             old = model.get_submodule(name)
-            w = old.weight.data
-            if type(old).__name__ == "Conv1D":  # (in, out) -> (out, in)
-                w = w.T
+            w = out_in_weight(old)
             d_out, d_in = w.shape
             new = bnb.nn.Linear4bit(d_in, d_out, bias=old.bias is not None, compute_dtype=compute,
                                     compress_statistics=self.config.double_quant, quant_type="nf4",
