@@ -102,6 +102,10 @@ METHODS["qa-lora(int4,g32), lr 2e-2"] = QALORA + ["optimizer.lr=2e-2"]
 METHODS["qa-lora(int4,g32), alpha 192, lr 3e-3"] = QALORA + ["adapter.alpha=192", "optimizer.lr=3e-3"]
 METHODS["qa-lora(int4,g32), lr 7e-3"] = QALORA + ["optimizer.lr=7e-3"]
 METHODS["qa-lora(int4,g32), lr 1.5e-2"] = QALORA + ["optimizer.lr=1.5e-2"]
+# narrower bases for the deployed-model comparison (benchmarks/quantized_deploy.py)
+for bits in (3, 2):
+    METHODS[f"qa-lora(int{bits},g32), lr 1e-2"] = [o for o in QALORA if o != "quantize.bits=4"] + [
+        f"quantize.bits={bits}", "optimizer.lr=1e-2"]
 METHODS["lora over int4 (no pooling)"] = LORA + ["quantize.kind=int4", "quantize.bits=4", "quantize.group_size=32"]
 # smaller groups: A reads d_in/8 group means (48 on MiniLM's 384-wide layers, not 12); the base is
 # finer too (12 bits per weight as stored), so this mixes a better base with a wider adapter input
