@@ -13,7 +13,7 @@ tables) and, for each seed:
 - QA-LoRA at INT-b: `memtune merge` folds B A into the zero points; the INT folder is evaluated as it
   is stored (no adapter), which must equal the run's own (unmerged) accuracy.
 Every figure is SST-2 dev accuracy of the stored model, evaluated by `memtune eval`'s code path.
-Writes benchmarks/results/quantized_deploy.json.
+Writes benchmarks/results/quantized_deploy.json and .png (mean accuracy of each stored form against bits).
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def main() -> None:
             merge(str(src), str(folder))
             acc = accuracy(str(folder), data, ["quantize.kind=int4", f"quantize.bits={bits}",
                                                f"quantize.group_size={GROUP}"])
-            add(seed, "qa-lora", f"INT{bits} g{GROUP} (B A folded into zeros)", bits, acc, t0, trained=trained)
+            add(seed, "qa-lora", f"INT{bits} g{GROUP} merged (B A in the zeros)", bits, acc, t0, trained=trained)
         path = save("quantized_deploy", {"runs": str(runs), "group_size": GROUP, "rows": rows})
     summary = {}
     for r in rows:
@@ -122,7 +122,38 @@ def main() -> None:
                   f"{statistics.mean(x['dev_accuracy'] for x in v):.4f}",
                   f"{statistics.stdev([x['dev_accuracy'] for x in v]) if len(v) > 1 else 0.0:.4f}",
                   " ".join(f"{x['dev_accuracy']:.4f}" for x in v)] for (m, s), v in summary.items()]))
-    print(f"wrote {path}")
+    plot(summary, path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png').name}")
+
+
+def plot(summary: dict, out: Path) -> None:
+    """Mean dev accuracy of each (method, stored form) over the seeds: a line against bits for the INT
+    forms, a horizontal line for the float merges, a marker for NF4."""
+    from memtune.plots import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    lines: dict[str, list] = {}
+    for (method, stored), v in summary.items():
+        mean = statistics.mean(x["dev_accuracy"] for x in v)
+        if v[0]["bits"] is None:
+            ax.axhline(mean, ls=":", lw=1, color="gray" if method == "lora" else "tab:purple",
+                       label=f"{method}, {stored}")
+        elif stored.startswith("NF4"):
+            ax.plot([4], [mean], "s", label=f"{method}, {stored}")
+        else:
+            lines.setdefault(f"{method}, {stored.split(' ', 2)[-1]}", []).append((v[0]["bits"], mean))
+    for label, pts in lines.items():
+        ax.plot(*zip(*sorted(pts)), "o-", lw=2 if label.startswith("qa-lora") else 1.2, label=label)
+    ax.set_xticks(sorted({b for pts in lines.values() for b, _ in pts}))
+    ax.set_xlabel("bits per weight code (group 32)")
+    ax.set_ylabel("SST-2 dev accuracy of the stored model")
+    ax.set_title("MiniLM-L6: the model you ship")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
