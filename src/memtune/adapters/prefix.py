@@ -59,8 +59,8 @@ from torch import nn
 
 from ..errors import ConfigError, MemtuneError
 from .base import ADAPTERS
-from .virtual_tokens import (Geometry, VirtualTokenConfig, VirtualTokenMethod, VirtualTokens, common_from_peft,
-                             param_dtype)
+from .virtual_tokens import (Geometry, VirtualTokenConfig, VirtualTokenMethod, VirtualTokens, cache_kwarg,
+                             common_from_peft, param_dtype)
 
 
 @dataclass
@@ -121,13 +121,14 @@ class KVPrefix(VirtualTokens):
         return self.transform(x) if self.projection else x
 
     def rewrite(self, body: nn.Module, kwargs: dict) -> None:
-        cache = kwargs.get("past_key_values")
+        name = cache_kwarg(body)
+        cache = kwargs.get(name)
         if cache is None:
             from transformers import DynamicCache
 
-            cache = kwargs["past_key_values"] = DynamicCache(config=body.config)
+            cache = kwargs[name] = DynamicCache(config=body.config)
         if not hasattr(cache, "get_seq_length"):
-            raise MemtuneError(f"prefix tuning: past_key_values must be a transformers Cache, got "
+            raise MemtuneError(f"prefix tuning: {name} must be a transformers Cache, got "
                                f"{type(cache).__name__}")
         if cache.get_seq_length() == 0:  # a prefill (or a plain forward): the prefix goes in first
             x = kwargs.get("input_ids")

@@ -17,7 +17,7 @@ registered by `attach` and removable (`detach`):
 
 * a forward pre-hook (`with_kwargs=True`) that rewrites the backbone's inputs: Prompt Tuning turns
   `input_ids` into `inputs_embeds` with the soft tokens prepended; Prefix Tuning puts the prefix
-  into the KV cache (`past_key_values`, a transformers `DynamicCache`). Both extend the 2-D
+  into the KV cache (`cache`, `past_key_values` before transformers 5.24: a `DynamicCache`). Both extend the 2-D
   `attention_mask` by n ones and move given `position_ids` n places later;
 * a forward hook that, for Prompt Tuning, slices the n virtual positions off `last_hidden_state`
   (and `hidden_states`), after the backbone computed everything that reads them (BERT's pooler
@@ -165,6 +165,13 @@ def _forward_params(cls: type) -> tuple[str, ...]:
     return tuple(list(inspect.signature(cls.forward).parameters)[1:])
 
 
+def cache_kwarg(body: nn.Module) -> str:
+    """The backbone's name for its KV cache argument and output field: `cache` from transformers
+    5.24 on (with `past_key_values` a deprecated alias that is dropped when both are passed, as the
+    heads do), `past_key_values` before."""
+    return "cache" if "cache" in _forward_params(type(body)) else "past_key_values"
+
+
 class VirtualTokens(nn.Module, metaclass=ABCMeta):
     """Base of the module a method attaches to the backbone; subclasses implement `rewrite`.
 
@@ -201,11 +208,15 @@ class VirtualTokens(nn.Module, metaclass=ABCMeta):
         if mask is not None and mask.dim() != 2:
             raise MemtuneError(f"{type(self).__name__}: expected a 2-D attention_mask (B, T), got shape "
                                f"{tuple(mask.shape)}; virtual tokens extend the mask themselves")
-        own_cache = kwargs.get("past_key_values") is None and kwargs.get("use_cache") is False
+        name = cache_kwarg(body)
+        if name != "past_key_values" and "past_key_values" in kwargs:  # the deprecated alias, renamed once here
+            old = kwargs.pop("past_key_values")
+            kwargs[name] = old if kwargs.get(name) is None else kwargs[name]
+        own_cache = kwargs.get(name) is None and kwargs.get("use_cache") is False
         keep = self.rewrite(body, kwargs)
         # a cache the hook created although the caller asked for none (generate with use_cache=False)
         # must not come back: the caller would pass it to the next step as if it had asked for it
-        self._calls[-1] = (keep, own_cache and kwargs.get("past_key_values") is not None)
+        self._calls[-1] = (keep, own_cache and kwargs.get(name) is not None)
         return (), kwargs
 
     def _post_hook(self, body: nn.Module, args: tuple, kwargs: dict, output):
@@ -214,8 +225,9 @@ class VirtualTokens(nn.Module, metaclass=ABCMeta):
             return None
         if isinstance(output, tuple):  # return_dict=False: (last_hidden_state, ...)
             return (output[0][:, -keep:],) + output[1:] if keep is not None else None
-        if own_cache and getattr(output, "past_key_values", None) is not None:
-            output.past_key_values = None  # what the heads read (ModelOutput keeps None out of its dict)
+        name = cache_kwarg(body)
+        if own_cache and getattr(output, name, None) is not None:
+            setattr(output, name, None)  # what the heads read (ModelOutput keeps None out of its dict)
         if keep is not None:
             # output: BaseModelOutput*; drop the n virtual positions in front: (B, n + T, d) -> (B, T, d)
             output.last_hidden_state = output.last_hidden_state[:, -keep:]
