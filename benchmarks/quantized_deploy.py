@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import save, table  # noqa: E402
+from sst2 import method_dir  # noqa: E402
 
 from memtune.evaluate import evaluate  # noqa: E402
 from memtune.merge import merge  # noqa: E402
@@ -37,9 +38,9 @@ from memtune.recipe import build_recipe  # noqa: E402
 GROUP = 32
 
 
-def run_dir(runs: Path, method: str, seed: int) -> Path:
-    """Where sst2.py put `method`'s run for `seed`."""
-    return runs / ("".join(c if c.isalnum() or c == "-" else "_" for c in method) + (f"-seed{seed}" if seed else ""))
+def int_base(bits: int) -> list[str]:
+    """The overrides that read (or round to nearest while loading) an INT-b, group-32 base."""
+    return ["quantize.kind=int4", f"quantize.bits={bits}", f"quantize.group_size={GROUP}"]
 
 
 def accuracy(model: str, data: list[str], extra: list[str] = ()) -> float:
@@ -68,8 +69,8 @@ def main() -> None:
         print(f"seed {seed} {method:>8} {stored:<34} {acc:.4f}", flush=True)
 
     for seed in args.seeds:
-        for method, name in (("lora", "lora"), ("qlora", "qlora")):
-            src = run_dir(runs, name, seed)
+        for method in ("lora", "qlora"):
+            src = method_dir(runs, method, seed)
             if not (src / "summary.json").is_file():
                 raise SystemExit(f"{src}: no finished run (run sst2.py first, see this file's docstring)")
             trained = json.loads((src / "summary.json").read_text())["eval"]["accuracy"]
@@ -86,22 +87,19 @@ def main() -> None:
                 add(seed, method, "NF4 (merge, then re-quantize)", 4, accuracy(str(nf4), data), t0, trained=trained)
             for bits in args.bits:
                 t0 = time.perf_counter()
-                rtn = accuracy(str(merged), data, ["quantize.kind=int4", f"quantize.bits={bits}",
-                                                   f"quantize.group_size={GROUP}"])
+                rtn = accuracy(str(merged), data, int_base(bits))
                 add(seed, method, f"INT{bits} g{GROUP} RTN after merge", bits, rtn, t0, trained=trained)
                 folder = work / f"{method}-seed{seed}-gptq-int{bits}"
                 shutil.rmtree(folder, ignore_errors=True)
                 t0 = time.perf_counter()
                 quantize_to_folder(build_recipe({}, [
                     f"model={merged}", "task=classification", f"data.train={subset}", *data, "adapter.kind=head",
-                    "quantize.kind=int4", f"quantize.bits={bits}", f"quantize.group_size={GROUP}",
-                    "quantize.method=gptq", f"quantize.calibration_samples={args.calibration_samples}",
+                    *int_base(bits), "quantize.method=gptq", f"quantize.calibration_samples={args.calibration_samples}",
                     f"train.seed={seed}"]), folder)
-                acc = accuracy(str(folder), data, ["quantize.kind=int4", f"quantize.bits={bits}",
-                                                   f"quantize.group_size={GROUP}"])
+                acc = accuracy(str(folder), data, int_base(bits))
                 add(seed, method, f"INT{bits} g{GROUP} GPTQ after merge", bits, acc, t0, trained=trained)
         for bits in args.bits:
-            src = run_dir(runs, f"qa-lora(int{bits},g{GROUP}), lr 1e-2", seed)
+            src = method_dir(runs, f"qa-lora(int{bits},g{GROUP}), lr 1e-2", seed)
             if not (src / "summary.json").is_file():
                 print(f"{src}: no finished run, skipped", flush=True)
                 continue
@@ -110,8 +108,7 @@ def main() -> None:
             shutil.rmtree(folder, ignore_errors=True)
             t0 = time.perf_counter()
             merge(str(src), str(folder))
-            acc = accuracy(str(folder), data, ["quantize.kind=int4", f"quantize.bits={bits}",
-                                               f"quantize.group_size={GROUP}"])
+            acc = accuracy(str(folder), data, int_base(bits))
             add(seed, "qa-lora", f"INT{bits} g{GROUP} merged (B A in the zeros)", bits, acc, t0, trained=trained)
         path = save("quantized_deploy", {"runs": str(runs), "group_size": GROUP, "rows": rows})
     summary = {}

@@ -163,7 +163,7 @@ def main() -> None:
     names = args.methods.split(";") if args.methods else list(methods)
     for seed, name in [(seed, name) for seed in args.seeds for name in names]:
         t0 = time.perf_counter()
-        run_dir = out / ("".join(c if c.isalnum() or c == "-" else "_" for c in name) + (f"-seed{seed}" if seed else ""))
+        run_dir = method_dir(out, name, seed)
         recipe = shared + [f"train.seed={seed}"] + methods[name] + args.set
         base = {}
         if GPTQ_BASE in recipe:
@@ -190,6 +190,11 @@ def main() -> None:
     if len(args.seeds) > 1:
         print(seed_summary(json.loads(path.read_text())["rows"], names))  # every seed run so far
     print(f"wrote {path}")
+
+
+def method_dir(out: Path, name: str, seed: int) -> Path:
+    """Where a method's run for `seed` goes: out/<name, punctuation as _>[-seedN] (seed 0: no suffix)."""
+    return out / ("".join(c if c.isalnum() or c == "-" else "_" for c in name) + (f"-seed{seed}" if seed else ""))
 
 
 def seed_summary(rows: list[dict], names: list[str]) -> str:

@@ -59,8 +59,8 @@ from torch import nn
 
 from ..errors import ConfigError, MemtuneError
 from .base import ADAPTERS
-from .virtual_tokens import (Geometry, VirtualTokenConfig, VirtualTokenMethod, VirtualTokens, cache_kwarg,
-                             common_from_peft, param_dtype)
+from .virtual_tokens import (Geometry, VirtualTokenConfig, VirtualTokenMethod, VirtualTokens, common_from_peft,
+                             param_dtype)
 
 
 @dataclass
@@ -121,7 +121,7 @@ class KVPrefix(VirtualTokens):
         return self.transform(x) if self.projection else x
 
     def rewrite(self, body: nn.Module, kwargs: dict) -> None:
-        name = cache_kwarg(body)
+        name = self.cache_name
         cache = kwargs.get(name)
         if cache is None:
             from transformers import DynamicCache

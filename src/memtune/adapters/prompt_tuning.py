@@ -46,8 +46,8 @@ from torch import nn
 
 from ..errors import ConfigError, ModelError
 from .base import ADAPTERS
-from .virtual_tokens import (VirtualTokenConfig, VirtualTokenMethod, VirtualTokens, cache_kwarg,
-                             common_from_peft, param_dtype)
+from .virtual_tokens import (VirtualTokenConfig, VirtualTokenMethod, VirtualTokens, common_from_peft,
+                             param_dtype)
 
 INIT_TO_PEFT = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 
@@ -82,7 +82,7 @@ class SoftPrompt(VirtualTokens):
         self.embedding = nn.Embedding(n, d, dtype=dtype, device=device)
 
     def rewrite(self, body: nn.Module, kwargs: dict) -> int | None:
-        cache = kwargs.get(cache_kwarg(body))
+        cache = kwargs.get(self.cache_name)
         if cache is not None and cache.get_seq_length() > 0:
             # a decoding step: the cache already holds the n virtual positions (from the prefill)
             self.extend_mask(kwargs)

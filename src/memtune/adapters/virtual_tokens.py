@@ -187,9 +187,11 @@ class VirtualTokens(nn.Module, metaclass=ABCMeta):
         # per active backbone call: (real length T to keep after n prepended positions, or None;
         # whether the output's cache is ours alone and must not be handed back)
         self._calls: list[tuple[int | None, bool]] = []
+        self.cache_name = "past_key_values"  # the backbone's KV cache argument (set by `hook`)
 
     # -- hooks ------------------------------------------------------------------------------
     def hook(self, body: nn.Module) -> None:
+        self.cache_name = cache_kwarg(body)
         self._handles = [body.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
                          body.register_forward_hook(self._post_hook, with_kwargs=True, always_call=True)]
 
@@ -208,10 +210,11 @@ class VirtualTokens(nn.Module, metaclass=ABCMeta):
         if mask is not None and mask.dim() != 2:
             raise MemtuneError(f"{type(self).__name__}: expected a 2-D attention_mask (B, T), got shape "
                                f"{tuple(mask.shape)}; virtual tokens extend the mask themselves")
-        name = cache_kwarg(body)
+        name = self.cache_name
         if name != "past_key_values" and "past_key_values" in kwargs:  # the deprecated alias, renamed once here
             old = kwargs.pop("past_key_values")
-            kwargs[name] = old if kwargs.get(name) is None else kwargs[name]
+            if kwargs.get(name) is None:
+                kwargs[name] = old
         own_cache = kwargs.get(name) is None and kwargs.get("use_cache") is False
         keep = self.rewrite(body, kwargs)
         # a cache the hook created although the caller asked for none (generate with use_cache=False)
@@ -225,9 +228,8 @@ class VirtualTokens(nn.Module, metaclass=ABCMeta):
             return None
         if isinstance(output, tuple):  # return_dict=False: (last_hidden_state, ...)
             return (output[0][:, -keep:],) + output[1:] if keep is not None else None
-        name = cache_kwarg(body)
-        if own_cache and getattr(output, name, None) is not None:
-            setattr(output, name, None)  # what the heads read (ModelOutput keeps None out of its dict)
+        if own_cache and getattr(output, self.cache_name, None) is not None:
+            setattr(output, self.cache_name, None)  # what the heads read (ModelOutput keeps None out of its dict)
         if keep is not None:
             # output: BaseModelOutput*; drop the n virtual positions in front: (B, n + T, d) -> (B, T, d)
             output.last_hidden_state = output.last_hidden_state[:, -keep:]
