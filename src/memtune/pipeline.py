@@ -172,6 +172,7 @@ def build_run(recipe: Recipe, train_records: list[Record] | None = None,
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
     model.to(device)
+    storage.prepare(model, for_training)  # the layers' compute path, fixed before anything runs
     run = Run(recipe, model, loaded.tokenizer, task, method, storage, device)
     if for_training and recipe.classifier_init is not None:
         if train_records is None:

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..recipe import StorageConfig
 from ..registry import Registry
+from .bnb_layout import set_cpu_layout
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -44,6 +45,11 @@ class BaseStorage(ABC):
     @abstractmethod
     def apply(self, model: nn.Module) -> None:
         """Convert the base model's frozen weights in place (layers converted while loading are kept)."""
+
+    def prepare(self, model: nn.Module, for_training: bool) -> None:
+        """Called once the run's model is assembled, before it computes anything. Any bitsandbytes
+        4-bit layer (e.g. of a folder saved 4-bit) keeps its canonical layout (see bnb_layout.py)."""
+        set_cpu_layout(model, packed=False)
 
     def describe(self) -> dict:
         return {}

@@ -20,6 +20,10 @@ benchmarks/quant_loading.py measures both paths). Models built in memory (preset
 are converted by `apply`, one layer at a time: each layer's full-precision weight is released as soon
 as its 4-bit copy exists. Both paths produce the same codes (tests/test_quant_loading.py).
 GPT-2's Conv1D (weights stored (in, out)) is converted through its transpose.
+
+The layers keep bitsandbytes' canonical layout on every CPU: its AVX512-BF16 inference repacking is
+switched off for runs (bnb_layout.py says why), and allowed only for eval-only commands with
+`quantize.cpu_kernel=packed`.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from ..errors import ConfigError
 from ..models import head_modules, is_linear, out_in_weight
 from ..recipe import StorageConfig
 from . import DTYPES, STORAGE, BaseStorage
+from .bnb_layout import check_canonical, is_4bit, set_cpu_layout
 
 BLOCKSIZE = 64
 
@@ -44,6 +49,9 @@ class NF4Config(StorageConfig):
     kind: str = "nf4"
     double_quant: bool = True  # 8-bit absmax constants in blocks of 256
     compute_dtype: Literal["fp32", "bf16"] = "fp32"
+    # canonical: dequant(W) in compute_dtype on every machine; packed: commands that never train may let
+    # bitsandbytes repack layers for its AVX512-BF16 CPU kernel (bf16 compute; see bnb_layout.py)
+    cpu_kernel: Literal["canonical", "packed"] = "canonical"
 
 
 def _bnb():
@@ -52,10 +60,6 @@ def _bnb():
     except ImportError:
         raise ConfigError("quantize.kind=nf4: needs the bitsandbytes package (pip install bitsandbytes)") from None
     return bnb
-
-
-def is_4bit(module: nn.Module) -> bool:
-    return type(module).__name__ == "Linear4bit"
 
 
 @STORAGE.register("nf4", NF4Config)
@@ -96,14 +100,22 @@ class NF4Storage(BaseStorage):
             new = new.to(w.device if w.device.type != "meta" else "cpu")  # quantizes
             set_submodule(model, name, new)
             del old, w
-        self.count = sum(1 for m in model.modules() if is_4bit(m))  # converted here or while loading
+        self.count = set_cpu_layout(model, packed=False)  # 4-bit layers, converted here or while loading
         if not self.count:
             raise ConfigError("quantize.kind=nf4: the model has no linear layers outside its head to quantize")
+
+    def prepare(self, model: nn.Module, for_training: bool) -> None:
+        if self.config.cpu_kernel == "packed" and for_training:
+            raise ConfigError("quantize.cpu_kernel=packed: bitsandbytes' packed CPU layout is for inference only "
+                              "(it cannot backpropagate, and its bf16 constants are not the stored codes'); "
+                              "train with quantize.cpu_kernel=canonical and pass packed to memtune eval")
+        set_cpu_layout(model, packed=self.config.cpu_kernel == "packed")
 
     def dequantize(self, model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
         """Replace every Linear4bit by an nn.Linear holding its exact dequantized weight (for merging)."""
         import bitsandbytes.functional as F
 
+        check_canonical(model, "dequantizing the NF4 base")
         names = [n for n, m in model.named_modules() if is_4bit(m)]
         for name in names:
             q = model.get_submodule(name)
@@ -119,7 +131,8 @@ class NF4Storage(BaseStorage):
 
     def describe(self) -> dict:
         return {"kind": "nf4", "blocksize": BLOCKSIZE, "double_quant": self.config.double_quant,
-                "compute_dtype": self.config.compute_dtype, "quantized_layers": getattr(self, "count", None)}
+                "compute_dtype": self.config.compute_dtype, "cpu_kernel": self.config.cpu_kernel,
+                "quantized_layers": getattr(self, "count", None)}
 
 
 def forget_quantizer(model: nn.Module) -> None:
@@ -132,6 +145,7 @@ def forget_quantizer(model: nn.Module) -> None:
 
 def quantized_bytes(model: nn.Module) -> tuple[int, int]:
     """(bytes of 4-bit codes + all quantization constants, weights they encode) over the Linear4bit layers."""
+    check_canonical(model, "counting the 4-bit bytes")
     total, params = 0, 0
 
     def nbytes(t) -> int:
