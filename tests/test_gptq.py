@@ -152,13 +152,23 @@ def test_a_quantized_causal_lm_loads_as_a_classifier_with_a_new_head(tmp_path):
 
 def test_quantized_folders_and_gptq_recipes_fail_clearly(tmp_path):
     from memtune.pipeline import build_run
+    from memtune.storage import PlainConfig
 
     quantize_llama(tmp_path, method="rtn")
     folder = tmp_path / "q"
+    with pytest.raises(ConfigError, match="quantize.kind=none: model .* is stored with quantize.kind=int4 "
+                                          "\\(.*memtune_quantization.json\\)"):
+        load_recipe(None, [f"model={folder}", "quantize.kind=none", "adapter.kind=lora"])
+    with pytest.raises(ConfigError, match="quantize.bits=3: model .* is stored with quantize.bits=4"):
+        load_recipe(None, [f"model={folder}", "quantize.kind=int4", "quantize.bits=3", "adapter.kind=lora"])
     with pytest.raises(ConfigError, match="stored quantized \\(INT4 group 32 \\(rtn\\)\\).*quantize.kind=int4"):
-        build_run(load_recipe(None, [f"model={folder}", "adapter.kind=lora"]))
+        recipe = load_recipe(None, [f"model={folder}", "adapter.kind=lora"])
+        recipe.quantize = PlainConfig()  # a recipe changed in Python after it was read
+        build_run(recipe)
     with pytest.raises(ConfigError, match="stored as INT4 group 32; the recipe asks for INT3 group 32"):
-        build_run(load_recipe(None, [f"model={folder}", "quantize.kind=int4", "quantize.bits=3", "adapter.kind=lora"]))
+        recipe = load_recipe(None, [f"model={folder}", "adapter.kind=lora"])
+        recipe.quantize.bits = 3
+        build_run(recipe)
     with pytest.raises(ConfigError, match="memtune quantize"):
         build_run(load_recipe(None, ["model=tiny-llama", "quantize.kind=int4", "quantize.method=gptq",
                                      "adapter.kind=lora"]))

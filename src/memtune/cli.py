@@ -64,7 +64,7 @@ def cmd_quantize(ns) -> int:
     target, overrides = _split_target(ns.args)
     if target is None:  # defaults for a bare command line (what trains later does not matter here)
         given = {o.split("=", 1)[0] for o in overrides}
-        overrides = [d for d in ("quantize.kind=int4", "adapter.kind=head") if d.split("=")[0] not in given] + overrides
+        overrides = [d for d in ("quantize.kind=int4", "adapter.kind=none") if d.split("=")[0] not in given] + overrides
     print(json.dumps(quantize_to_folder(load_recipe(target, overrides), ns.to)))
     return 0
 
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="store a model as group-wise INT (round to nearest or GPTQ) for later "
                                         "runs: memtune quantize [CONFIG.yaml] key=value ... --to DIR")
     q.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value")
-    q.add_argument("--to", required=True, help="output directory; train over it with model=DIR quantize.kind=int4")
+    q.add_argument("--to", required=True, help="output directory; train over it with model=DIR (its storage is read from it)")
     q.set_defaults(fn=cmd_quantize)
 
     r = sub.add_parser("replay", help="rebuild a MeZO run's weights from its trajectory: memtune replay RUN_DIR --to DIR")

@@ -43,15 +43,31 @@ def merge(run_dir: str, to: str, overrides: list[str] = (), requantize: str | No
         model = run.method.merged(run.model)
     model.to("cpu")
     if requantize:
-        return _save_requantized_nf4(model, run, deltas, out)
-    if keep_quantized:  # QA-LoRA: a pure INT model, read back by memtune.storage.int4.load_quantized
+        _save_requantized_nf4(model, run, deltas, out)
+    elif keep_quantized:  # QA-LoRA: a pure INT model, read back by memtune.storage.int4.load_quantized
         from .storage.int4 import save_quantized
 
-        return save_quantized(model, run.tokenizer, out, how={"method": "QA-LoRA merge", "run": str(run_dir),
-                                                              "base": run.recipe.model})
-    model.save_pretrained(out)
-    run.tokenizer.save_pretrained(out)
+        save_quantized(model, run.tokenizer, out, how={"method": "QA-LoRA merge", "run": str(run_dir),
+                                                       "base": run.recipe.model})
+    else:
+        model.save_pretrained(out)
+        run.tokenizer.save_pretrained(out)
+    _record_use(run, out, run_dir, requantize)
     return out
+
+
+def _record_use(run, out: Path, run_dir: str, requantize: str | None) -> None:
+    """memtune_model.json: the task, labels, pooling and prompt the merged model is used with, so
+    `memtune eval model=OUT` rebuilds it as the run did (memtune.stored)."""
+    from .stored import write_model_file
+
+    r = run.recipe
+    use = {"task": r.task, "data.labels": r.data.labels if r.task == "classification" else None,
+           "pooling": r.pooling if r.pooling != "model" else None,
+           "prompt.template": r.prompt.template if r.prompt is not None else None,
+           "prompt.label_words": r.prompt.label_words if r.prompt is not None else None}
+    write_model_file(out, use, {"method": "memtune merge", "run": str(run_dir), "base": r.model,
+                                "adapter": r.adapter.kind, "requantize": requantize})
 
 
 def _update_norms(model) -> dict[str, float]:

@@ -201,13 +201,15 @@ def _quiet_transformers():
 
 def load_model(name: str, task: str, labels: list[str] | None = None,
                dtype: torch.dtype | None = None, head: str | None = None,
-               quantize: Callable[[list[str]], dict] | None = None) -> Loaded:
+               quantize: Callable[[list[str]], dict] | None = None, pooler_replaced: bool = False) -> Loaded:
     """Load `name` (preset, local directory, or hub id) for `task`, with the task's default head
     or, when given, `head` (one of HEADS).
 
     `quantize(head_names)` gives extra `from_pretrained` arguments that quantize the base while the
     checkpoint is read (a storage's `load_kwargs`); presets are built in memory and ignore it. A
-    directory written by `memtune quantize` (or a merged QA-LoRA run) loads as the INT model it is."""
+    directory written by `memtune quantize` (or a merged QA-LoRA run) loads as the INT model it is.
+    `pooler_replaced`: the caller replaces the backbone's pooler (mean pooling), so a folder saved
+    without pooler weights loads."""
     head = head or default_head(task)
     if name in TINY_PRESETS:
         return build_preset(name, task, labels, head)
@@ -235,7 +237,8 @@ def load_model(name: str, task: str, labels: list[str] | None = None,
             if seeded:
                 torch.manual_seed(PRESET_SEED)
             if stored_as is not None:
-                model, info = load_quantized(path, _auto_class(head), **kwargs), {}
+                model, info = load_quantized(path, _auto_class(head), may_lack=("pooler",) if pooler_replaced else (),
+                                             **kwargs), {}
             else:
                 model, info = _auto_class(head).from_pretrained(path, output_loading_info=True, **kwargs)
         tok = AutoTokenizer.from_pretrained(path)

@@ -124,7 +124,8 @@ def build_run(recipe: Recipe, train_records: list[Record] | None = None,
     storage = STORAGE.get(recipe.quantize.kind)(recipe.quantize)
     device = pick_device(recipe.train.device)
     loaded = load_model(recipe.model, recipe.task, recipe.data.labels, dtype=storage.load_dtype(), head=head,
-                        quantize=lambda keep: storage.load_kwargs(keep, device))
+                        quantize=lambda keep: storage.load_kwargs(keep, device),
+                        pooler_replaced=recipe.pooling == "mean")
     model = loaded.model
     if loaded.stored_as and not storage.reads_int_folders:
         raise ConfigError(f"model '{recipe.model}' is stored quantized ({loaded.stored_as}): train or evaluate it "

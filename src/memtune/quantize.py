@@ -43,14 +43,14 @@ def quantize_to_folder(recipe: Recipe, to: str | Path) -> dict:
     out = Path(to)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MemtuneError(f"--to {out}: exists and is not an empty directory")
-    from .adapters.head import HeadConfig
+    from .adapters.none import NoAdapterConfig
     from .pipeline import build_run, read_train_records
     from .storage import PlainConfig
 
     t0 = time.perf_counter()
-    # the float model with the run's head and nothing attached (the head adapter adds no module)
+    # the float model with the run's head and nothing attached
     plain = copy.deepcopy(recipe)
-    plain.quantize, plain.adapter = PlainConfig(), HeadConfig()
+    plain.quantize, plain.adapter = PlainConfig(), NoAdapterConfig()
     if cfg.method == "gptq" and not recipe.data.train:
         raise ConfigError("quantize.method=gptq: needs calibration data (data.train=FILE)")
     records = read_train_records(recipe) if recipe.data.train else None

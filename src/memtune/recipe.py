@@ -342,7 +342,10 @@ def build_recipe(raw: dict[str, Any], overrides: list[str] = (), source: str | N
     for text in overrides:
         key, value = parse_override(text)
         set_dotted(raw, key, value)
+    from .stored import apply_recorded
+
     try:
+        apply_recorded(raw)  # a model folder that records its storage (and use) fills those keys
         recipe = parse_section(Recipe, raw, "")
     except ConfigError as e:
         if source:

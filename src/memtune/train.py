@@ -93,7 +93,7 @@ class Trainer:
         steps_per_epoch = max(micro_per_epoch // t.grad_accum, 1)
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
         if not any(p.requires_grad for p in self.run.model.parameters()):
-            raise ConfigError("adapter: the recipe leaves no trainable parameter")
+            raise ConfigError(f"adapter.kind={r.adapter.kind}: the recipe leaves no trainable parameter")
         self.rule = OPTIMIZERS.get(r.optimizer.kind)(r.optimizer, self.run.model, self.run.train_task, t,
                                                      self.total_steps, self.run.forward_ctx(),
                                                      adapter=self.run.method)

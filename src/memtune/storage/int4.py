@@ -274,13 +274,15 @@ def describe_folder(path: str | Path) -> str:
     return ", ".join(f"INT{b} group {g}" for b, g in formats) + (f" ({method})" if method else "")
 
 
-def load_quantized(path: str | Path, auto_class=None, **config_kwargs) -> nn.Module:
+def load_quantized(path: str | Path, auto_class=None, may_lack: tuple[str, ...] = (),
+                   **config_kwargs) -> nn.Module:
     """Rebuild a model saved by `save_quantized` (architecture from config.json, IntLinear layers).
 
     `auto_class` (default: causal LM) may differ from the class saved, e.g. a sequence classifier over
     a quantized causal LM: head weights missing from the folder are initialized (global RNG, as
     transformers does for a new head); any other missing weight is an error. `config_kwargs` (e.g.
-    num_labels) update the saved config. The skeleton is built without initializing its weights, so
+    num_labels) update the saved config. Weights of modules named in `may_lack` (e.g. "pooler", which
+    mean pooling replaces and so never saves) may be absent; they are initialized. The skeleton is built without initializing its weights, so
     the full-precision layers it replaces are never written (untouched pages, no resident memory), and
     the tensors read from the folder become its parameters as they are."""
     from safetensors.torch import load_file
@@ -316,7 +318,7 @@ def load_quantized(path: str | Path, auto_class=None, **config_kwargs) -> nn.Mod
     # allocations are freed); tie_weights re-ties what assignment untied (e.g. the LM head to the embeddings)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
-    missing = [k for k in missing if not _tied(model, k)]
+    missing = [k for k in missing if not _tied(model, k) and not set(k.split(".")) & set(may_lack)]
     fresh = {k.split(".")[0] for k in missing if k.split(".")[0] in heads}
     missing = [k for k in missing if k.split(".")[0] not in fresh]
     # the saved model's own head (e.g. an LM head, loaded now as a classifier): outside the backbone
@@ -326,6 +328,9 @@ def load_quantized(path: str | Path, auto_class=None, **config_kwargs) -> nn.Mod
                          f"unexpected {unexpected[:3]}")
     for name in sorted(fresh):  # a head the folder does not hold: drawn as transformers draws a new one
         heads[name].apply(model._init_weights)
+    for name, module in model.named_modules():  # e.g. a pooler the caller replaces: never left unwritten
+        if name.split(".")[-1] in may_lack:
+            module.apply(model._init_weights)
     return model.eval()
 
 
