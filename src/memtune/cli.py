@@ -1,4 +1,4 @@
-"""The `memtune` command: train, eval, merge, quantize, replay, demo.
+"""The `memtune` command: train, eval, merge, quantize, replay, demo, env.
 
 User errors (MemtuneError) print one line, `memtune: error: ...`, and exit with status 2.
 """
@@ -76,6 +76,14 @@ def cmd_replay(ns) -> int:
     return 0
 
 
+def cmd_env(ns) -> int:
+    from .env import collect, format_report
+
+    fields = collect()
+    print(json.dumps(fields, indent=2) if ns.json else format_report(fields))
+    return 0
+
+
 def cmd_demo(ns) -> int:
     from .demo import run_demo
 
@@ -111,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="store a model as group-wise INT (round to nearest or GPTQ) for later "
                                         "runs: memtune quantize [CONFIG.yaml] key=value ... --to DIR")
     q.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value")
-    q.add_argument("--to", required=True, help="output directory; train over it with model=DIR (its storage is read from it)")
+    q.add_argument("--to", required=True, help="output directory; train over it with model=DIR (its storage is "
+                                               "read from it)")
     q.set_defaults(fn=cmd_quantize)
 
     r = sub.add_parser("replay", help="rebuild a MeZO run's weights from its trajectory: memtune replay RUN_DIR --to DIR")
@@ -127,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-examples", type=int, default=None, help="use at most this many training examples (default with --data: 2000)")
     d.add_argument("--all", action="store_true", help="every method, not only the default rows")
     d.set_defaults(fn=cmd_demo)
+
+    v = sub.add_parser("env", help="versions, devices and the CPU/GPU capabilities memtune's paths depend on "
+                                   "(paste it into a bug report)")
+    v.add_argument("--json", action="store_true", help="one JSON object instead of the text report")
+    v.set_defaults(fn=cmd_env)
     return p
 
 
