@@ -36,7 +36,8 @@ def test_demo_all_covers_every_adapter_method(tmp_path):
 
     table = {**METHODS, **MORE_METHODS}
     kinds = {o.split("=", 1)[1] for rows in table.values() for o in rows if o.startswith("adapter.kind=")}
-    assert kinds == set(ADAPTERS.names())  # `memtune demo --all` has a row for every registered method
+    # `memtune demo --all` has a row for every registered method that trains something
+    assert kinds == set(ADAPTERS.names()) - {"none"}
     assert build_parser().parse_args(["demo", "--all"]).all
     # one step each (AdaLoRA's budget schedule needs more steps than that: tests/test_adalora.py runs it)
     names = [n for n in MORE_METHODS if n != "adalora"]
