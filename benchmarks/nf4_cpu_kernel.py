@@ -49,8 +49,9 @@ def main() -> None:
     packed_ok = cpu_supports_packed()
     rows, out = [], []
     for compute in ("fp32", "bf16"):
-        base = llama_sized(args.model).eval()
+        base = llama_sized(args.model)
         STORAGE.get("nf4")(NF4Config(compute_dtype=compute)).apply(base)  # canonical layout
+        base.eval()  # after apply: its new 4-bit layers are built in train mode
         models = {"canonical": base}
         if packed_ok:
             models["packed"] = copy.deepcopy(base)
