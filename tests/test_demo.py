@@ -13,9 +13,8 @@ def test_demo_compares_full_and_lora(tmp_path):
     assert by["lora"]["params_trainable"] < 0.02 * by["full"]["params_trainable"]
     assert by["lora"]["memory_bytes"]["optimizer"] < 0.05 * by["full"]["memory_bytes"]["optimizer"]
     assert by["lora"]["memory_bytes"]["peak"] < by["full"]["memory_bytes"]["peak"]
-    for r in rows:
-        if r["method"] != "mezo":  # MeZO's 100 steps show its memory, not an accuracy gain
-            assert r["accuracy_after"] > r["accuracy_before"]
+    for r in rows:  # every row learns (MeZO from its centroid start)
+        assert r["accuracy_after"] > r["accuracy_before"], r["method"]
     for quantized in ("qlora", "qa-lora"):  # 4-bit base: fewer frozen-weight bytes than LoRA's fp32 base
         assert by[quantized]["memory_bytes"]["parameters"] < by["lora"]["memory_bytes"]["parameters"]
     mezo = by["mezo"]["memory_bytes"]

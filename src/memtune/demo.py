@@ -36,10 +36,12 @@ METHODS: dict[str, list[str]] = {
               "optimizer.lr=1e-3", "quantize.kind=nf4"],
     "qa-lora": ["adapter.kind=qalora", "adapter.r=8", "adapter.alpha=16", "adapter.targets=all-linear",
                 "optimizer.lr=3e-3", "quantize.kind=int4", "quantize.group_size=32"],
-    # zeroth-order: two forwards per step, no backward; starts from a centroid-initialized head
-    "mezo": ["adapter.kind=full", "optimizer.kind=mezo", "optimizer.lr=1e-5", "optimizer.eps=1e-3",
-             "classifier_init.examples_per_class=16", "train.schedule=constant", "train.warmup_steps=0",
-             "train.max_steps=100"],
+    # zeroth-order: forwards only, no backward. The start BENCHMARKS.md shows working: mean-pooled
+    # MiniLM features and a head at the class centroids; MeZO then trains the head (its estimate's
+    # variance grows with the trained set), two perturbation seeds per step (n-SPSA)
+    "mezo": ["adapter.kind=head", "optimizer.kind=mezo", "optimizer.samples=2", "optimizer.lr=1e-2",
+             "optimizer.eps=1e-3", "pooling=mean", "classifier_init.examples_per_class=16",
+             "train.schedule=constant", "train.warmup_steps=0", "train.max_steps=500"],
 }
 # `memtune demo --all`: the rest of the adapter family, after the default rows
 MORE_METHODS: dict[str, list[str]] = {
