@@ -22,6 +22,33 @@ _recipe.OPTIONAL.update({"tokentune": TokenTuneConfig, "prompt": PromptConfig,
 _recipe.OPTIONAL.update({"attention": AttentionConfig})
 
 
+def apply_axis_defaults(raw: dict) -> None:
+    """Defaults one axis value sets for another, in the raw recipe before it is parsed: an adapter
+    with a `default_storage` (QST: nf4, the paper's 4-bit backbone) gets it unless the recipe names
+    a storage."""
+    from .stored import get_dotted
+
+    kind = get_dotted(raw, "adapter.kind")
+    if not isinstance(kind, str) or kind not in ADAPTERS:
+        return
+    storage = getattr(ADAPTERS.get(kind), "default_storage", None)
+    if storage is not None and not isinstance(get_dotted(raw, "quantize.kind"), str):
+        _recipe.set_dotted(raw, "quantize.kind", storage)
+
+
+def _needs_backbone_backprop(r: "_recipe.Recipe") -> list[tuple[str, str]]:
+    """Recipe features that work on the backbone's backward pass: (how the recipe asks, what it does)."""
+    out = []
+    if r.tokentune is not None:
+        out.append(("tokentune", "TokenTune selects which backbone tokens backpropagate"))
+    if r.train.gradient_checkpointing:
+        out.append(("train.gradient_checkpointing", "checkpointing recomputes the backbone's activations in "
+                                                    "the backward pass"))
+    if getattr(r.attention, "kind", None) == "s2":
+        out.append(("attention.kind=s2", "S2-Attn replaces the attention of layers that record gradients"))
+    return out
+
+
 def check_combination(r: "_recipe.Recipe") -> None:
     """Reject combinations of axis values that cannot work, saying why."""
     if r.train.precision == "bf16" and getattr(r.quantize, "dtype", "auto") == "fp16":
@@ -51,6 +78,10 @@ def check_combination(r: "_recipe.Recipe") -> None:
                               "only for the selected tokens; checkpointing would recompute its two-stream forward "
                               "outside the selection. Use one of them")
     adapter_cls = ADAPTERS.get(r.adapter.kind)
+    if not getattr(adapter_cls, "backbone_backprop", True):
+        for feature, what in _needs_backbone_backprop(r):
+            raise ConfigError(f"{feature} with adapter.kind={r.adapter.kind}: {what}, and this adapter runs the "
+                              f"backbone without gradient (only its side network trains). Use one of them")
     if r.train.gradient_checkpointing and not getattr(adapter_cls, "supports_gradient_checkpointing", True):
         raise ConfigError(f"train.gradient_checkpointing with adapter.kind={r.adapter.kind}: the adapter lives in "
                           f"the KV cache, which checkpointed layers drop during training (and recomputation "

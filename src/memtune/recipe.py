@@ -342,10 +342,12 @@ def build_recipe(raw: dict[str, Any], overrides: list[str] = (), source: str | N
     for text in overrides:
         key, value = parse_override(text)
         set_dotted(raw, key, value)
+    from .methods import apply_axis_defaults
     from .stored import apply_recorded
 
     try:
         apply_recorded(raw)  # a model folder that records its storage (and use) fills those keys
+        apply_axis_defaults(raw)
         recipe = parse_section(Recipe, raw, "")
     except ConfigError as e:
         if source:

@@ -7,7 +7,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import ModelError
-from . import adalora, dylora, full, head, longlora, lora, none, prefix, prompt_tuning, qalora, vera  # noqa: F401,E501  (registration)
+from . import adalora, dylora, full, head, longlora, lora, none, prefix, prompt_tuning, qalora, qst, vera  # noqa: F401,E501  (registration)
 from .base import ADAPTERS, AdapterMethod
 from .lora import LoraLinear, disabled_adapters
 from .peft_format import read_config

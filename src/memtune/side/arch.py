@@ -1,0 +1,94 @@
+"""Where a side network meets each backbone family: its layer stack, the point where the two streams
+are mixed, and the backbone config scaled to the side network's width.
+
+    family        layers (under model.base_model)   mixed at             side layer class
+    llama/mistral layers                            norm (final RMSNorm) LlamaDecoderLayer (own RoPE)
+    opt           decoder.layers                    decoder.final_layer_norm (else the last layer)
+    gpt2          h                                 ln_f                 GPT2Block
+    bert          encoder.layer                     the last layer       BertLayer (post-LN: no side norm)
+
+Scaling to width d/r (`side_config`): hidden d -> d/r, intermediate (the MLP width) I -> I/r, and the
+backbone's head count H (as the QST reference code keeps it) reduced to the largest count that
+divides d/r into head dims of at least 2 and even (RoPE rotates pairs); key/value heads to the largest
+count <= the backbone's that divides the side's head count. The side layers are built from the
+backbone's own layer class with that config (`type(layer)(config, layer_idx=i)`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Family:
+    layers: str  # the backbone's layer ModuleList, relative to model.base_model
+    mix_at: str | None  # module whose output is the LM-head / classifier input; None: the last layer's
+    hidden: str  # config field names scaled by 1/r
+    intermediate: str | None
+    heads: str
+    kv_heads: str | None = None
+    rotary: str | None = None  # the body's rotary embedding (the side builds its own at its head dim)
+
+
+FAMILIES = {
+    "llama": Family("layers", "norm", "hidden_size", "intermediate_size", "num_attention_heads",
+                    "num_key_value_heads", rotary="rotary_emb"),
+    "mistral": Family("layers", "norm", "hidden_size", "intermediate_size", "num_attention_heads",
+                      "num_key_value_heads", rotary="rotary_emb"),
+    "opt": Family("decoder.layers", "decoder.final_layer_norm", "hidden_size", "ffn_dim", "num_attention_heads"),
+    "gpt2": Family("h", "ln_f", "n_embd", "n_inner", "n_head"),
+    "bert": Family("encoder.layer", None, "hidden_size", "intermediate_size", "num_attention_heads"),
+}
+
+
+def family_of(model: nn.Module) -> Family:
+    kind = getattr(model.config, "model_type", None)
+    if kind not in FAMILIES:
+        raise ConfigError(f"adapter.kind=qst: no side network for model type '{kind}' "
+                          f"(supported: {', '.join(sorted(FAMILIES))})")
+    return FAMILIES[kind]
+
+
+def backbone_layers(model: nn.Module, fam: Family) -> nn.ModuleList:
+    return model.base_model.get_submodule(fam.layers)
+
+
+def mix_module(model: nn.Module, fam: Family) -> nn.Module | None:
+    if fam.mix_at is None:
+        return None
+    try:
+        return model.base_model.get_submodule(fam.mix_at)
+    except AttributeError:  # e.g. OPT-350m has no final layer norm
+        return None
+
+
+def _largest_divisor(n: int, at_most: int, ok=lambda d: True) -> int:
+    return next(d for d in range(min(n, at_most), 0, -1) if n % d == 0 and ok(d))
+
+
+def side_config(config, r: int, fam: Family):
+    """The backbone's config at width d/r (see the module docstring)."""
+    d = getattr(config, fam.hidden)
+    if d % r:
+        raise ConfigError(f"adapter.r={r}: does not divide the backbone's hidden size {d}")
+    ds = d // r
+    heads = getattr(config, fam.heads)
+    rope = fam.rotary is not None
+    hs = _largest_divisor(ds, heads, lambda h: ds // h >= 2 and (not rope or (ds // h) % 2 == 0))
+    side = copy.deepcopy(config)
+    setattr(side, fam.hidden, ds)
+    setattr(side, fam.heads, hs)
+    if fam.intermediate is not None:
+        inner = getattr(config, fam.intermediate, None) or 4 * d  # GPT-2: n_inner None = 4d
+        setattr(side, fam.intermediate, max(inner // r, 1))
+    if fam.kv_heads is not None:
+        kv = getattr(config, fam.kv_heads, None) or heads
+        setattr(side, fam.kv_heads, _largest_divisor(hs, kv))
+    if hasattr(side, "head_dim"):
+        side.head_dim = ds // hs
+    return side
