@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -81,3 +82,30 @@ def autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
+
+
+def measure_step(model, task, batch: dict, device, rounds: int = 3, lr: float = 1e-5) -> dict:
+    """One AdamW step (backprop) at steady state under memtune's tracker: the step is run twice under
+    the tracker (the second has gradients and optimizer state), then timed `rounds` more times.
+    Returns the tracker's report plus `step_seconds` (median)."""
+    import statistics
+    import time
+
+    from memtune.gradient.backprop import AdamWConfig, Backprop
+    from memtune.memory.tracker import MemoryTracker
+    from memtune.recipe import TrainConfig
+
+    model.to(device).train()
+    rule = Backprop(AdamWConfig(lr=lr), model, task, TrainConfig(schedule="constant"), 10, contextlib.nullcontext)
+    tracker = MemoryTracker(model, rule.optimizer)
+    for _ in range(2):
+        with tracker.measure(*batch.values()):
+            rule.step([dict(batch)])
+            sync(device)
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        rule.step([dict(batch)])
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return {**tracker.report().to_dict(), "step_seconds": statistics.median(times) if times else None}

@@ -16,24 +16,18 @@ benchmarks/results/quant_memory[-llama-1b][-cuda].json and .png.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, llama_sized, mib, pick_device, release, save, sync, table  # noqa: E402
+from common import RESULTS, llama_sized, measure_step, mib, pick_device, release, save, table  # noqa: E402
 
 from memtune.adapters import ADAPTERS  # noqa: E402
 from memtune.adapters.lora import LoraConfig  # noqa: E402
-from memtune.gradient.backprop import AdamWConfig, Backprop  # noqa: E402
 from memtune.gradient.tokentune import TokenTune, TokenTuneConfig  # noqa: E402
-from memtune.memory.tracker import MemoryTracker  # noqa: E402
-from memtune.recipe import TrainConfig  # noqa: E402
 from memtune.storage import STORAGE  # noqa: E402
 from memtune.adapters.qalora import QALoraConfig  # noqa: E402
 from memtune.storage.int4 import IntConfig, IntLinear  # noqa: E402
@@ -68,24 +62,11 @@ def measure(base, method: str, batch: dict, device, rounds: int = 3) -> dict:
         ADAPTERS.get("qalora")(QALoraConfig(r=8, alpha=16, targets=["all-linear"]), "causal-lm").attach(model)
     elif method != "full":
         ADAPTERS.get("lora")(LoraConfig(r=8, alpha=16, targets=["all-linear"]), "causal-lm").attach(model)
-    model.to(device).train()
     task = CausalLMTask()
     if "tokentune" in method:
         task = TokenTune(TokenTuneConfig(select=0.25), model, 0, "causal-lm").wrap(task)
-    rule = Backprop(AdamWConfig(lr=1e-5), model, task, TrainConfig(schedule="constant"), 10, contextlib.nullcontext)
-    tracker = MemoryTracker(model, rule.optimizer)
-    for _ in range(2):
-        with tracker.measure(*batch.values()):
-            rule.step([dict(batch)])
-            sync(device)
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        rule.step([dict(batch)])
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    out = {**tracker.report().to_dict(), **extra, "step_seconds": statistics.median(times) if times else None}
-    del model, rule, tracker
+    out = {**measure_step(model, task, batch, device, rounds), **extra}
+    del model
     release(device)
     return out
 

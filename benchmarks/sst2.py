@@ -3,6 +3,7 @@
     python benchmarks/sst2.py [--sst2 ../shared/data/sst2] [--train-examples 4000] [--epochs 1]
     python benchmarks/sst2.py --suite mezo [--steps 1000]
     python benchmarks/sst2.py --suite adapters
+    python benchmarks/sst2.py --suite qst [--seeds 0,1,2] [--methods "qlora;qst r=8, lr 3e-3"]
 
 Suite `backprop` (default): full fine-tuning, LoRA, both with TokenTune (k=16), QLoRA (LoRA over
 an NF4 base) and QA-LoRA (INT4, group 32), each on the same
@@ -12,6 +13,8 @@ and with the accuracy objective, from a classifier over mean-pooled features (`p
 MiniLM was trained) initialized at the class centroids of 16 training sentences per class, for a
 fixed number of steps (batch 16, constant LR; the accuracy row: 400 steps of 64) drawn from 20,000
 training sentences; then the probes behind the chosen settings.
+Suite `qst`: QLoRA and QST (adapter.kind=qst over NF4) with the backprop suite's data and settings, over a
+sweep of r and learning rate.
 Suite `adapters`: every adapter of the family (LoRA, DyLoRA, AdaLoRA, VeRA, prompt tuning, prefix
 tuning, P-Tuning v2, QA-LoRA) with the backprop suite's data and settings, plus a PNG.
 All report dev accuracy (872 sentences) before and after, time per step and measured memory, and
@@ -118,7 +121,14 @@ GPTQ_BASE = "model=<gptq base>"
 METHODS["qa-lora over gptq(int4,g32), lr 1.5e-2"] = QALORA + ["optimizer.lr=1.5e-2", GPTQ_BASE]
 METHODS["qa-lora over gptq(int4,g32), lr 1e-2"] = QALORA + ["optimizer.lr=1e-2", GPTQ_BASE]
 METHODS["lora over gptq int4 (no pooling)"] = METHODS["lora over int4 (no pooling)"] + [GPTQ_BASE]
-SUITES = {"backprop": METHODS, "mezo": MEZO_METHODS, "adapters": ADAPTER_METHODS}
+# issue 15: QST (side network beside the NF4 backbone, which runs without gradient) next to QLoRA, same
+# data, epoch and batch; r and lr swept for this 384-wide model (r=16 leaves a 24-wide side network)
+QST_METHODS = {
+    "qlora": METHODS["qlora"],
+    **{f"qst r={r}, lr {lr}": ["adapter.kind=qst", f"adapter.r={r}", f"optimizer.lr={lr}"]
+       for r, lr in [(8, "3e-3"), (4, "3e-3"), (16, "3e-3"), (8, "1e-3"), (8, "1e-2"), (4, "1e-3")]},
+}
+SUITES = {"backprop": METHODS, "mezo": MEZO_METHODS, "adapters": ADAPTER_METHODS, "qst": QST_METHODS}
 
 
 def write_subset(sst2: Path, out: Path, n: int) -> Path:

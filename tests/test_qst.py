@@ -259,6 +259,13 @@ def test_combinations_without_meaning_are_refused_when_read(extra, match):
         load_recipe(None, LLAMA + extra)
 
 
+def test_nf4_is_the_default_base_only_when_no_storage_is_named():
+    assert load_recipe(None, LLAMA).quantize.kind == "nf4"
+    assert load_recipe(None, LLAMA + ["quantize.kind=none"]).quantize.kind == "none"
+    plain_bf16 = load_recipe(None, LLAMA + ["quantize.dtype=bf16"]).quantize
+    assert (plain_bf16.kind, plain_bf16.dtype) == ("none", "bf16")
+
+
 def test_unsupported_architecture_is_named():
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 

@@ -1,4 +1,4 @@
-"""`memtune demo`: full fine-tuning, LoRA, TokenTune, QLoRA, QA-LoRA and MeZO on the pretrained
+"""`memtune demo`: full fine-tuning, LoRA, TokenTune, QLoRA, QA-LoRA, QST and MeZO on the pretrained
 MiniLM-L6, side by side (`--all`: also linear probing, DyLoRA, AdaLoRA, VeRA, prompt tuning, prefix
 tuning, P-Tuning v2 and LongLoRA).
 
@@ -36,6 +36,8 @@ METHODS: dict[str, list[str]] = {
               "optimizer.lr=1e-3", "quantize.kind=nf4"],
     "qa-lora": ["adapter.kind=qalora", "adapter.r=8", "adapter.alpha=16", "adapter.targets=all-linear",
                 "optimizer.lr=3e-3", "quantize.kind=int4", "quantize.group_size=32"],
+    # a side network beside the NF4 backbone, which runs without gradient (QST; 384 wide: r=8)
+    "qst": ["adapter.kind=qst", "adapter.r=8", "optimizer.lr=3e-3"],
     # zeroth-order: forwards only, no backward. The start BENCHMARKS.md shows working: mean-pooled
     # MiniLM features and a head at the class centroids; MeZO then trains the head (its estimate's
     # variance grows with the trained set), two perturbation seeds per step (n-SPSA)

@@ -24,15 +24,15 @@ _recipe.OPTIONAL.update({"attention": AttentionConfig})
 
 def apply_axis_defaults(raw: dict) -> None:
     """Defaults one axis value sets for another, in the raw recipe before it is parsed: an adapter
-    with a `default_storage` (QST: nf4, the paper's 4-bit backbone) gets it unless the recipe names
-    a storage."""
+    with a `default_storage` (QST: nf4, the paper's 4-bit backbone) gets it when the recipe has no
+    `quantize` section at all (any quantize key, e.g. `quantize.dtype=bf16`, keeps the usual default)."""
     from .stored import get_dotted
 
     kind = get_dotted(raw, "adapter.kind")
     if not isinstance(kind, str) or kind not in ADAPTERS:
         return
     storage = getattr(ADAPTERS.get(kind), "default_storage", None)
-    if storage is not None and not isinstance(get_dotted(raw, "quantize.kind"), str):
+    if storage is not None and raw.get("quantize") is None:
         _recipe.set_dotted(raw, "quantize.kind", storage)
 
 
