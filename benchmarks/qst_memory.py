@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--model", default="quant-memory", choices=["quant-memory", "llama-1b"])
-    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names (default: all)")
+    ap.add_argument("--rows", default=";".join(ROWS), help="';'-separated row names (default: all)")
     args = ap.parse_args()
     device = pick_device(args.device)
     base = base_model() if args.model == "quant-memory" else llama_sized("llama-1b")
@@ -78,7 +78,7 @@ def main() -> None:
     batch = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
              "labels": ids.clone().to(device)}
     rows = []
-    for name in args.rows.split(","):
+    for name in args.rows.split(";"):
         m = measure(base, name, batch, device, args.rounds)
         rows.append({"method": name, **m})
         print(f"{name}: peak {mib(m['peak'])} MiB, step {m['step_seconds']:.2f} s", flush=True)
