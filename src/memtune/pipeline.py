@@ -133,7 +133,7 @@ def build_run(recipe: Recipe, train_records: list[Record] | None = None,
     if recipe.prompt is not None:  # checks the label words against the tokenizer
         task = PromptClassificationTask(recipe.prompt, loaded.tokenizer, recipe.data.labels, recipe.data.max_length)
     else:
-        task = TASKS[recipe.task]()
+        task = TASKS[recipe.task].from_recipe(recipe)
     if recipe.pooling == "mean":
         use_mean_pooling(model)  # before storage and adapters: the replaced [CLS] pooler is never quantized
     storage.apply(model)

@@ -103,6 +103,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 1
     gradient_checkpointing: bool = False
+    # causal LM: the loss through the output head a chunk of positions at a time (no (N, V) logits;
+    # memtune.linear_ce), where the model's logits are its head on its last hidden state
+    chunked_ce: bool = True
     tensorboard: bool = False
     progress: bool = True
     measure_memory_steps: int = 3  # optimizer steps measured by the memory tracker (0 = off)

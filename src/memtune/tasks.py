@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import IGNORE
+from .linear_ce import linear_cross_entropy
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
@@ -38,8 +39,27 @@ def _forward_takes(cls: type, name: str) -> bool:
     return name in inspect.signature(cls.forward).parameters
 
 
+# model types whose causal-LM forward is `logits = lm_head(body(...).last_hidden_state)`, nothing more
+# (no logit scaling or soft-capping), so the loss can be taken from the hidden states
+PLAIN_LM_HEADS = ("llama", "mistral", "qwen2", "opt", "gpt2")
+
+
+def fused_head(model: nn.Module) -> nn.Linear | None:
+    """The model's output head when its logits can be computed outside its forward, else None."""
+    if getattr(model.config, "model_type", None) not in PLAIN_LM_HEADS or not model.base_model_prefix:
+        return None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks:
+        return None  # e.g. a quantized or wrapped head, or one whose calls are hooked (TokenTune)
+    return head
+
+
 class Task(ABC):
     name: str
+
+    @classmethod
+    def from_recipe(cls, recipe) -> "Task":
+        return cls()
 
     @abstractmethod
     def count(self, batch: dict) -> int:
@@ -73,7 +93,19 @@ class Task(ABC):
 
 
 class CausalLMTask(Task):
+    """`chunked` (train.chunked_ce, default on): where the model's logits are exactly its output head
+    applied to its body's last hidden state (`fused_head`), the loss is computed from the hidden
+    states through memtune.linear_ce, so no (N, V) logits exist; elsewhere (and when a hook watches
+    the head, e.g. TokenTune's streams) the model's own logits are used."""
+
     name = "causal-lm"
+
+    def __init__(self, chunked: bool = True) -> None:
+        self.chunked = chunked
+
+    @classmethod
+    def from_recipe(cls, recipe) -> "CausalLMTask":
+        return cls(chunked=recipe.train.chunked_ce)
 
     def count(self, batch: dict) -> int:
         return int((batch["labels"][:, 1:] != IGNORE).sum())
@@ -85,6 +117,11 @@ class CausalLMTask(Task):
         keep = labels != IGNORE
         # columns before the first target (prompts; TokenTune's unselected stream) need no logits:
         # the model computes the LM head only for columns first..T-1 (transformers' logits_to_keep)
+        head = fused_head(model) if self.chunked else None
+        if head is not None:  # hidden states only; the head's logits a chunk at a time (memtune.linear_ce)
+            hidden = model.base_model(**model_inputs(batch), use_cache=False).last_hidden_state  # (B, T, d)
+            h = hidden[:, :-1][keep]  # (N, d)
+            return linear_cross_entropy(h, head.weight, head.bias, labels[keep]), {}
         cols = keep.any(0).nonzero()
         first = int(cols[0]) if len(cols) and _keeps_logits(model) else 0
         extra = {"logits_to_keep": labels.shape[1] + 1 - first} if first else {}

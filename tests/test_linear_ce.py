@@ -1,0 +1,133 @@
+"""Chunked linear cross-entropy (memtune.linear_ce) equals the unchunked loss and gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT, base_overrides
+from memtune.linear_ce import chunk_rows, linear_cross_entropy
+from memtune.recipe import load_recipe
+from memtune.tasks import CausalLMTask, fused_head
+
+ALPACA = str(ROOT / "examples" / "data" / "alpaca.jsonl")
+
+
+def _reference(h, w, b, y):
+    return F.cross_entropy(F.linear(h, w, b).float(), y, reduction="sum")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 7, 64, 1000])
+def test_loss_and_every_gradient_equal_the_unchunked(bias, rows):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(50, 16, generator=g, requires_grad=True)
+    w = torch.randn(300, 16, generator=g, requires_grad=True)
+    b = torch.randn(300, generator=g, requires_grad=True) if bias else None
+    y = torch.randint(0, 300, (50,), generator=g)
+    got = linear_cross_entropy(h, w, b, y, rows=rows)
+    (got * 0.5).backward()  # a scaled loss: backward multiplies by the incoming gradient
+    grads = [t.grad.clone() for t in (h, w, b) if t is not None]
+    for t in (h, w, b):
+        if t is not None:
+            t.grad = None
+    want = _reference(h, w, b, y)
+    (want * 0.5).backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-4)
+    for a, t in zip(grads, [t for t in (h, w, b) if t is not None]):
+        torch.testing.assert_close(a, t.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_a_frozen_head_gets_no_gradient_and_no_grad_mode_gives_the_loss():
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(9, 8, generator=g, requires_grad=True)
+    w = torch.randn(40, 8, generator=g)
+    y = torch.randint(0, 40, (9,), generator=g)
+    linear_cross_entropy(h, w, None, y, rows=4).backward()
+    assert w.grad is None and h.grad is not None
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, w, None, y, rows=4), _reference(h, w, None, y))
+    with torch.inference_mode():
+        torch.testing.assert_close(linear_cross_entropy(h, w, None, y, rows=4), _reference(h.detach(), w, None, y))
+
+
+def test_bf16_within_bf16_tolerance():
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(20, 32, generator=g).bfloat16().requires_grad_()
+    w = torch.randn(100, 32, generator=g).bfloat16()
+    y = torch.randint(0, 100, (20,), generator=g)
+    got = linear_cross_entropy(h, w, None, y, rows=3)
+    got.backward()
+    gh = h.grad.clone()
+    h.grad = None
+    want = _reference(h, w, None, y)
+    want.backward()
+    assert h.grad.dtype == torch.bfloat16 == gh.dtype
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-1)
+    torch.testing.assert_close(gh.float(), h.grad.float(), rtol=5e-2, atol=5e-2)
+
+
+def test_chunks_hold_a_bounded_number_of_logits():
+    assert chunk_rows(32000) == 65 and chunk_rows(10) == 2**21 // 10 and chunk_rows(10**9) == 1
+
+
+@pytest.mark.parametrize("adapter", [["adapter.kind=full"], ["adapter.kind=lora", "adapter.r=4"],
+                                     ["adapter.kind=prefix", "adapter.num_virtual_tokens=3"],
+                                     ["adapter.kind=qst", "adapter.r=4", "quantize.kind=none"]])
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2", "tiny-opt"])
+def test_a_causal_lm_step_is_the_same_with_and_without_chunks(preset, adapter):
+    from memtune.data import collate
+    from memtune.pipeline import build_run
+
+    run = build_run(load_recipe(None, [f"model={preset}", f"data.train={ALPACA}"] + adapter))
+    assert fused_head(run.model) is not None
+    batch = collate(run.load_data(ALPACA, "train").examples[:4], run.tokenizer.pad_token_id)
+    run.model.train()
+    torch.manual_seed(0)
+    out = {}
+    for chunked in (True, False):
+        run.model.zero_grad()
+        torch.manual_seed(0)
+        loss, _ = CausalLMTask(chunked=chunked).loss_sum(run.model, batch)
+        loss.backward()
+        out[chunked] = (loss.detach(), {n: p.grad.clone() for n, p in run.model.named_parameters()
+                                        if p.grad is not None})
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-4)
+    assert out[True][1].keys() == out[False][1].keys() and out[True][1]
+    for n in out[True][1]:
+        torch.testing.assert_close(out[True][1][n], out[False][1][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_tokentune_keeps_the_models_own_logits_and_training_works(tmp_path):
+    from memtune.train import train
+
+    seen = []
+    s = train(load_recipe(None, ["model=tiny-llama", f"data.train={ALPACA}", "adapter.kind=lora", "adapter.r=4",
+                                 "tokentune.select=0.5", "train.max_steps=2", "train.batch_size=4"]
+                          + base_overrides(tmp_path / "run")), callbacks=[lambda e: seen.append(fused_head(e.run.model))])
+    assert s["train"]["loss_last"] > 0
+    assert seen == [None, None]  # TokenTune's hooks watch the head's calls while it trains
+
+
+def test_the_step_peak_holds_no_full_logits(tmp_path):
+    """tiny-llama with a 32,000-word vocabulary: (N, V) fp32 logits would be N x 125 KiB."""
+    from memtune.data import collate
+    from memtune.memory.tracker import MemoryTracker
+    from memtune.pipeline import build_run
+
+    peaks = {}
+    for chunked in (True, False):
+        run = build_run(load_recipe(None, ["model=tiny-llama", f"data.train={ALPACA}", "adapter.kind=lora"]))
+        run.model.resize_token_embeddings(32000)
+        run.model.get_input_embeddings().requires_grad_(False)  # new tensors: frozen again, as LoRA left them
+        run.model.get_output_embeddings().requires_grad_(False)
+        batch = collate(run.load_data(ALPACA, "train").examples[:8], run.tokenizer.pad_token_id)
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        tracker = MemoryTracker(run.model)
+        run.model.train()
+        with tracker.measure(batch["input_ids"]):
+            loss, _ = CausalLMTask(chunked=chunked).loss_sum(run.model, batch)
+            loss.backward()
+        peaks[chunked] = tracker.report()
+        logits_bytes = n * 32000 * 4
+    assert peaks[False].peak - peaks[True].peak > 2 * logits_bytes  # logits, log-softmax, their gradient
+    assert peaks[False].activations - peaks[True].activations > 0.9 * logits_bytes  # no log-softmax (N, V) kept
