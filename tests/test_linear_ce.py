@@ -67,7 +67,7 @@ def test_bf16_within_bf16_tolerance():
 
 
 def test_chunks_hold_a_bounded_number_of_logits():
-    assert chunk_rows(32000) == 65 and chunk_rows(10) == 2**21 // 10 and chunk_rows(10**9) == 1
+    assert chunk_rows(32000) == 262 and chunk_rows(10) == 2**23 // 10 and chunk_rows(10**9) == 1
 
 
 @pytest.mark.parametrize("adapter", [["adapter.kind=full"], ["adapter.kind=lora", "adapter.r=4"],

@@ -18,8 +18,10 @@ only scales them by the incoming gradient (the loss is a scalar).
 Why our own: the loss must be a sum with the target count beside it (gradient accumulation
 normalizes over the accumulated batch, memtune.gradient.backprop), must run under MeZO's inference
 mode and must keep each model's own dtypes; the peers' kernels are CUDA/Triton-only or mean-reduced.
-Chunks hold `CHUNK_ELEMENTS` logits (8 MiB in fp32) whatever V is. Logits are computed in the head's
-dtype (autocast applies) and reduced in fp32, as the unfused path does.
+Chunks hold `CHUNK_ELEMENTS` logits (32 MiB in fp32: 262 rows at V = 32,000) whatever V is. On 2 CPU
+cores (N = 2,044, d = 1,024, V = 32,000, loss + backward) 65-row chunks took 3.0 s, 256 rows 2.0 s and
+1,024 rows 1.6 s, against 2.0 s unfused. Logits are computed in the head's dtype (autocast applies)
+and reduced in fp32, as the unfused path does.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-CHUNK_ELEMENTS = 2**21  # logits per chunk: rows = CHUNK_ELEMENTS // V
+CHUNK_ELEMENTS = 2**23  # logits per chunk (32 MiB in fp32): rows = CHUNK_ELEMENTS // V
 
 
 def chunk_rows(vocab: int, elements: int = CHUNK_ELEMENTS) -> int:
