@@ -126,7 +126,8 @@ METHODS["lora over gptq int4 (no pooling)"] = METHODS["lora over int4 (no poolin
 QST_METHODS = {
     "qlora": METHODS["qlora"],
     **{f"qst r={r}, lr {lr}": ["adapter.kind=qst", f"adapter.r={r}", f"optimizer.lr={lr}"]
-       for r, lr in [(8, "3e-3"), (4, "3e-3"), (16, "3e-3"), (8, "1e-3"), (8, "1e-2"), (4, "1e-3")]},
+       for r, lr in [(8, "3e-3"), (4, "3e-3"), (16, "3e-3"), (8, "1e-3"), (8, "1e-2"), (4, "1e-3"),
+                     (16, "1e-2"), (32, "1e-2"), (16, "3e-2")]},
 }
 SUITES = {"backprop": METHODS, "mezo": MEZO_METHODS, "adapters": ADAPTER_METHODS, "qst": QST_METHODS}
 
