@@ -21,7 +21,7 @@ from ..errors import ConfigError, ModelError
 from ..models import head_modules
 from ..recipe import AdapterConfig
 from .base import ADAPTERS, AdapterMethod, set_trainable
-from .peft_format import TASK_TYPES, read_adapter, write_adapter
+from .peft_format import TASK_TYPES, copy_tensors, read_adapter, write_adapter
 
 
 @dataclass
@@ -58,12 +58,7 @@ class HeadOnly(AdapterMethod):
         want = self._tensors(model)
         if set(tensors) != set(want):
             raise ModelError(f"{path}: head tensors {sorted(tensors)} do not fit the model's {sorted(want)}")
-        with torch.no_grad():
-            for k, p in want.items():
-                if tensors[k].shape != p.shape:
-                    raise ModelError(f"{path}: '{k}' has shape {tuple(tensors[k].shape)}, the model expects "
-                                     f"{tuple(p.shape)}")
-                p.copy_(tensors[k].to(p.dtype))
+        copy_tensors(path, want, tensors)
 
     def merged(self, model: nn.Module) -> nn.Module:
         return model  # the head is a plain module of the model already

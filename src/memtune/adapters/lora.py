@@ -28,7 +28,7 @@ from torch import nn
 from ..errors import ConfigError, ModelError
 from ..recipe import AdapterConfig
 from .base import ADAPTERS, AdapterMethod, DeltaLayer, disabled_adapters, set_trainable  # noqa: F401  (re-export)
-from .peft_format import TASK_TYPES, read_adapter, write_adapter
+from .peft_format import TASK_TYPES, copy_tensors, read_adapter, write_adapter
 from .targets import match_targets, set_submodule
 
 
@@ -182,12 +182,7 @@ class LoraMethod(AdapterMethod):
             raise ModelError(f"{path}: adapter does not fit the model: "
                              f"{len(missing)} tensors missing (e.g. {missing[:2]}), "
                              f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
-        with torch.no_grad():
-            for k, t in expected.items():
-                if tensors[k].shape != t.shape:
-                    raise ModelError(f"{path}: '{k}' has shape {tuple(tensors[k].shape)}, the model "
-                                     f"expects {tuple(t.shape)}")
-                t.copy_(tensors[k].to(t.dtype))
+        copy_tensors(path, expected, tensors)
 
     def merged(self, model: nn.Module) -> nn.Module:
         """Fold every B A into its base weight and put the plain base layers back."""

@@ -71,3 +71,13 @@ def read_adapter(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ModelError(f"{path}: no {WEIGHTS_FILE} (or adapter_model.bin)")
     tensors = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in raw.items()}
     return config, tensors
+
+
+@torch.no_grad()
+def copy_tensors(path: Path, expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+    """Copy each saved tensor into the model tensor of the same name (cast to its dtype), after
+    checking its shape; `expected` keys must all be in `tensors` (callers check the key sets)."""
+    for k, t in expected.items():
+        if tensors[k].shape != t.shape:
+            raise ModelError(f"{path}: '{k}' has shape {tuple(tensors[k].shape)}, the model expects {tuple(t.shape)}")
+        t.copy_(tensors[k].to(t.dtype))

@@ -32,7 +32,7 @@ from ..side.arch import family_of
 from ..side.downsample import KINDS
 from ..side.network import SideNetwork, SideRunner
 from .base import ADAPTERS, AdapterMethod, set_trainable
-from .peft_format import TASK_TYPES, read_adapter, write_adapter
+from .peft_format import TASK_TYPES, copy_tensors, read_adapter, write_adapter
 
 SIDE = "qst_side"  # the side network's module name on the model
 
@@ -112,12 +112,7 @@ class QSTMethod(AdapterMethod):
         if missing or unexpected:
             raise ModelError(f"{path}: QST side network does not fit the model: {len(missing)} tensors missing "
                              f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
-        with torch.no_grad():
-            for k, p in want.items():
-                if tensors[k].shape != p.shape:
-                    raise ModelError(f"{path}: '{k}' has shape {tuple(tensors[k].shape)}, the model expects "
-                                     f"{tuple(p.shape)}")
-                p.copy_(tensors[k].to(p.dtype))
+        copy_tensors(path, want, tensors)
 
     def merged(self, model: nn.Module) -> nn.Module:
         raise MemtuneError("memtune merge: a QST run trains a side network, a second stream of layers beside the "

@@ -37,7 +37,7 @@ from torch import nn
 from ..errors import ConfigError, ModelError
 from ..recipe import AdapterConfig
 from .base import ADAPTERS, AdapterMethod, DeltaLayer, set_trainable
-from .peft_format import TASK_TYPES, read_adapter, write_adapter
+from .peft_format import TASK_TYPES, copy_tensors, read_adapter, write_adapter
 from .targets import match_targets, set_submodule
 
 SHARED_A, SHARED_B = "base_model.vera_A", "base_model.vera_B"  # PEFT's keys for the shared pair
@@ -237,12 +237,7 @@ class VeraMethod(AdapterMethod):
         if self.config.save_projection:
             expected = {**expected, SHARED_A: self.projections.vera_A, SHARED_B: self.projections.vera_B}
             tensors = {**tensors, **shared}
-        with torch.no_grad():
-            for k, t in expected.items():
-                if tensors[k].shape != t.shape:
-                    raise ModelError(f"{path}: '{k}' has shape {tuple(tensors[k].shape)}, the model "
-                                     f"expects {tuple(t.shape)}")
-                t.copy_(tensors[k].to(t.dtype))
+        copy_tensors(path, expected, tensors)
 
     def merged(self, model: nn.Module) -> nn.Module:
         """Fold every Λ_b B Λ_d A into its base weight and put the plain base layers back."""

@@ -76,7 +76,7 @@ from torch import nn
 from ..errors import ConfigError, MemtuneError, ModelError
 from ..recipe import AdapterConfig
 from .base import AdapterMethod, set_trainable
-from .peft_format import CONFIG_FILE, TASK_TYPES, WEIGHTS_FILE, read_config
+from .peft_format import CONFIG_FILE, TASK_TYPES, WEIGHTS_FILE, copy_tensors, read_config
 
 PROMPT_KEY = "prompt_embeddings"  # PEFT's one key for a prompt-learning adapter's virtual tokens
 MODULE_PREFIX = "base_model."  # PEFT's key prefix for modules_to_save of a prompt-learning model
@@ -383,11 +383,7 @@ class VirtualTokenMethod(AdapterMethod):
                              f"expects {tuple(want)}")
         with torch.no_grad():
             enc.load_prompt_embeddings(tensors[PROMPT_KEY])
-            for k, t in expected.items():
-                if tensors[k].shape != t.shape:
-                    raise ModelError(f"{path}: '{k}' has shape {tuple(tensors[k].shape)}, the model "
-                                     f"expects {tuple(t.shape)}")
-                t.copy_(tensors[k].to(t.dtype))
+        copy_tensors(path, expected, tensors)
 
     def merged(self, model: nn.Module) -> nn.Module:
         """Not defined: virtual tokens are extra attended positions, not a weight delta."""
