@@ -127,7 +127,12 @@ QST_METHODS = {
     "qlora": METHODS["qlora"],
     **{f"qst r={r}, lr {lr}": ["adapter.kind=qst", f"adapter.r={r}", f"optimizer.lr={lr}"]
        for r, lr in [(8, "3e-3"), (4, "3e-3"), (16, "3e-3"), (8, "1e-3"), (8, "1e-2"), (4, "1e-3"),
-                     (16, "1e-2"), (32, "1e-2"), (16, "3e-2")]},
+                     (16, "1e-2"), (32, "1e-2"), (16, "3e-2"), (16, "1e-3")]},
+    # the classifier over the mean of the (mixed) last hidden states instead of MiniLM's untrained [CLS]
+    # pooler, for both methods
+    "qlora (mean pooling)": METHODS["qlora"] + ["pooling=mean"],
+    "qst r=16, lr 3e-3 (mean pooling)": ["adapter.kind=qst", "adapter.r=16", "optimizer.lr=3e-3", "pooling=mean"],
+    "qst r=8, lr 3e-3 (mean pooling)": ["adapter.kind=qst", "adapter.r=8", "optimizer.lr=3e-3", "pooling=mean"],
 }
 SUITES = {"backprop": METHODS, "mezo": MEZO_METHODS, "adapters": ADAPTER_METHODS, "qst": QST_METHODS}
 

@@ -114,8 +114,13 @@ def test_side_config_scales_width_and_keeps_heads_that_divide_it():
     side = side_config(cfg, 16, FAMILIES["llama"])
     assert (side.hidden_size, side.intermediate_size, side.num_attention_heads, side.num_key_value_heads,
             side.head_dim) == (256, 688, 32, 8, 8)
-    narrow = side_config(cfg, 64, FAMILIES["llama"])  # width 64: 32 heads of 2, the smallest even RoPE head
-    assert (narrow.hidden_size, narrow.num_attention_heads, narrow.head_dim) == (64, 32, 2)
+    narrow = side_config(cfg, 64, FAMILIES["llama"])  # width 64: 8 heads of 8, not 32 of 2
+    assert (narrow.hidden_size, narrow.num_attention_heads, narrow.num_key_value_heads, narrow.head_dim) == \
+        (64, 8, 8, 8)
+    from transformers import BertConfig
+
+    minilm = BertConfig(hidden_size=384, intermediate_size=1536, num_attention_heads=12)
+    assert [side_config(minilm, r, FAMILIES["bert"]).num_attention_heads for r in (4, 8, 16, 64)] == [12, 6, 3, 1]
     with pytest.raises(ConfigError, match="adapter.r=3: does not divide the backbone's hidden size 4096"):
         side_config(cfg, 3, FAMILIES["llama"])
 
