@@ -11,9 +11,9 @@ Scaling to width d/r (`side_config`): hidden d -> d/r, intermediate (the MLP wid
 backbone's head count H (as the QST reference code keeps it: LLaMA-2-7B at r = 16 has 32 heads of 8)
 reduced to the largest count that divides d/r into head dims of at least MIN_HEAD_DIM = 8, even for
 RoPE (which rotates pairs); key/value heads to the largest count <= the backbone's that divides the
-side's head count. (MiniLM, 384 wide with 12 heads, gets 3 heads of 8 at r = 16 rather than 12 of 2:
-on SST-2 that gained 2.2 points at r = 8 and cut the attention memory, BENCHMARKS.md.) The side layers are built from the
-backbone's own layer class with that config (`type(layer)(config, layer_idx=i)`).
+side's head count. MiniLM (384 wide, 12 heads) gets 3 heads of 8 at r = 16 rather than 12 of 2; on
+SST-2 that gained 2.2 points at r = 8 and cut the side's attention memory (BENCHMARKS.md). The side
+layers are built from the backbone's own layer class with that config (`type(layer)(config, layer_idx=i)`).
 """
 
 from __future__ import annotations
