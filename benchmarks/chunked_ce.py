@@ -13,6 +13,7 @@ measured ones. Writes benchmarks/results/chunked_ce.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -43,14 +44,16 @@ def main() -> None:
     rows = []
     for chunked in (False, True):
         task = CausalLMTask(chunked=chunked)
-        step = measure_step(model, task, batch, torch.device("cpu"), args.rounds)
-        model.eval()
-        tracker = MemoryTracker(model)
-        with torch.inference_mode(), tracker.measure(ids):
-            t0 = time.perf_counter()
-            loss, _ = task.loss_sum(model, batch)
-            infer_s = time.perf_counter() - t0
-        rows.append({"chunked": chunked, "step": step, "inference_peak": tracker.report().peak,
+        with torch.inference_mode():  # the same weights for both inference losses (before any step)
+            inference_model = model.eval()
+            tracker = MemoryTracker(inference_model)
+            with tracker.measure(ids):
+                t0 = time.perf_counter()
+                loss, _ = task.loss_sum(inference_model, batch)
+                infer_s = time.perf_counter() - t0
+        inference_peak = tracker.report().peak
+        step = measure_step(copy.deepcopy(model), task, batch, torch.device("cpu"), args.rounds)
+        rows.append({"chunked": chunked, "step": step, "inference_peak": inference_peak,
                      "inference_seconds": infer_s, "inference_loss": float(loss)})
         print(f"chunked={chunked}: step peak {mib(step['peak'])} MiB, {step['step_seconds']:.1f} s", flush=True)
     a, b = rows
