@@ -116,8 +116,10 @@ class SideRunner:
         bound = self._sig.bind(*args, **kwargs)
         named = {}
         for name, value in bound.arguments.items():
-            kind = self._sig.parameters[name].kind
-            named.update(value) if kind is inspect.Parameter.VAR_KEYWORD else named.__setitem__(name, value)
+            if self._sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                named.update(value)  # **kwargs the layer forwards (e.g. cache_position)
+            else:
+                named[name] = value
         first = next(iter(self._sig.parameters))
         h0 = named.pop(first)  # (B, T, d): the embeddings as the first layer sees them
         for key in CACHE_ARGS:
