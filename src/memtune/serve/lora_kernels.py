@@ -1,0 +1,98 @@
+"""Heterogeneous-rank LoRA over a packed batch: each token's low-rank term from its own adapter.
+
+    y (T, d_out) += s_t * (x_t @ A_t.T) @ B_t.T      A_t (r_t, d_in), B_t (d_out, r_t): token t's adapter
+
+after one base matmul for the whole batch (the caller's). Ranks stay exact: no adapter is padded to
+the largest rank in the batch. Two forms, equal up to float summation order:
+
+  segment  tokens are sorted by adapter, so each adapter is one contiguous segment [s, e):
+           y[s:e] += s * (x[s:e] @ A.T) @ B.T. Two GEMMs per adapter; no copies. Punica's SGMV,
+           the default on CPU and for prefill.
+  gather   per rank bucket r, the bucket's factors are stacked (n_r, r, d_in) and gathered per
+           token (BGMV): one batched product for every token of that rank whatever its adapter.
+           Built for decode (one token per sequence, many adapters); it materializes T x r x d
+           per bucket, which is why prefill does not use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Segment:
+    start: int
+    end: int
+    slot: int  # index into the step's adapter list
+
+
+@dataclass
+class Bucket:
+    """Tokens of one rank (for one module): their rows in y, and the per-token index into the stack."""
+
+    rows: torch.Tensor  # (T_r,) long
+    which: torch.Tensor  # (T_r,) long, into a / b / scale
+    a: torch.Tensor  # (n_r, r, d_in)
+    b: torch.Tensor  # (n_r, d_out, r)
+    scale: torch.Tensor  # (n_r,)
+
+
+def segment_lora(y: torch.Tensor, x: torch.Tensor, segments: list[tuple[int, int, torch.Tensor, torch.Tensor, float]]
+                 ) -> torch.Tensor:
+    """y (T, d_out), x (T, d_in); segments (start, end, A, B, s). In place on y."""
+    for s, e, a, b, scale in segments:
+        # (e-s, d_in) @ (d_in, r) -> (e-s, r) @ (r, d_out): the order PEFT's Linear(Linear(x)) uses
+        y[s:e] += torch.nn.functional.linear(torch.nn.functional.linear(x[s:e], a), b) * scale
+    return y
+
+
+def gather_lora(y: torch.Tensor, x: torch.Tensor, buckets: list[Bucket]) -> torch.Tensor:
+    """y (T, d_out), x (T, d_in); each bucket's tokens get their own adapter's term. In place on y."""
+    for bk in buckets:
+        a_t, b_t = bk.a[bk.which], bk.b[bk.which]  # (T_r, r, d_in), (T_r, d_out, r)
+        h = torch.bmm(a_t, x[bk.rows].unsqueeze(-1))  # (T_r, r, 1)
+        out = torch.bmm(b_t, h).squeeze(-1) * bk.scale[bk.which].unsqueeze(-1)  # (T_r, d_out)
+        y.index_add_(0, bk.rows, out)
+    return y
+
+
+@dataclass
+class StepLora:
+    """The LoRA metadata of one engine step, built once and read by every adapted layer.
+
+    `segments` are token ranges per adapter slot (sorted by slot); `adapters[slot]` maps module name
+    -> (A, B, s) views into the pool. The gather form's buckets are built per module on its first
+    call of the step (factors differ per module; token rows do not)."""
+
+    segments: list[Segment]
+    adapters: list[dict[str, tuple[torch.Tensor, torch.Tensor, float]]]
+    kernel: str  # "segment" | "gather"
+    _buckets: dict[str, list[Bucket]] = field(default_factory=dict)
+
+    def apply(self, module: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x (T, d_in), y (T, d_out) after the base layer; returns y with every token's term added."""
+        if self.kernel == "gather":
+            if module not in self._buckets:
+                self._buckets[module] = self._bucketize(module, y.device)
+            return gather_lora(y, x, self._buckets[module])
+        parts = [(sg.start, sg.end, *self.adapters[sg.slot][module]) for sg in self.segments
+                 if module in self.adapters[sg.slot]]
+        return segment_lora(y, x, parts)
+
+    def _bucketize(self, module: str, device: torch.device) -> list[Bucket]:
+        by_rank: dict[int, list[tuple[Segment, tuple]]] = {}
+        for sg in self.segments:
+            f = self.adapters[sg.slot].get(module)
+            if f is not None:
+                by_rank.setdefault(f[0].shape[0], []).append((sg, f))
+        buckets = []
+        for _, group in sorted(by_rank.items()):
+            rows = torch.cat([torch.arange(sg.start, sg.end) for sg, _ in group]).to(device)
+            which = torch.cat([torch.full((sg.end - sg.start,), i) for i, (sg, _) in enumerate(group)]).to(device)
+            a = torch.stack([f[0] for _, f in group])
+            b = torch.stack([f[1] for _, f in group])
+            scale = torch.tensor([f[2] for _, f in group], dtype=a.dtype, device=device)
+            buckets.append(Bucket(rows, which, a, b, scale))
+        return buckets
