@@ -111,6 +111,7 @@ class Engine:
         self._gen = torch.Generator().manual_seed(config.seed)
         self.steps = 0
         self.forward_seconds = 0.0
+        self.last_logits: dict[int, torch.Tensor] = {}
 
     # -- adapters ------------------------------------------------------------------------------------
     def add_adapter(self, name: str, path, rank: int | None = None) -> None:
@@ -171,6 +172,7 @@ class Engine:
         finally:
             self.lora.step = None
         logits = out.logits[0].float()  # (B, V)
+        self.last_logits = {r.id: logits[i] for i, r in enumerate(batch)}  # for logprobs and checks
         self.forward_seconds += time.perf_counter() - t0
         self.steps += 1
         now = time.perf_counter()
