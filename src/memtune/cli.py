@@ -84,6 +84,49 @@ def cmd_env(ns) -> int:
     return 0
 
 
+def _sampling(ns):
+    from .serve.sampling import SamplingParams
+
+    return SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p,
+                          seed=ns.seed, stop=ns.stop or [])
+
+
+def _generator(ns):
+    from .serve.engine import EngineConfig
+    from .serve.run_model import TextGenerator
+
+    return TextGenerator(ns.run_dir, ns.overrides, EngineConfig(pool_mib=ns.pool_mib))
+
+
+def cmd_generate(ns) -> int:
+    params = _sampling(ns)
+    gen = _generator(ns)
+    if ns.json:
+        print(json.dumps({"text": gen.generate(ns.prompt, params), "path": gen.path, "why": gen.why or None}))
+        return 0
+    for piece in gen.stream(ns.prompt, params):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def cmd_chat(ns) -> int:
+    from .serve.run_model import chat_loop
+
+    return chat_loop(_generator(ns), _sampling(ns))
+
+
+def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate at most (default {max_tokens})")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampler")
+    p.add_argument("--stop", action="append", help="stop before this string (repeatable)")
+    p.add_argument("--pool-mib", type=float, default=256.0, help="engine memory for KV pages and adapters")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+
+
 def cmd_demo(ns) -> int:
     from .demo import run_demo
 
@@ -136,6 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-examples", type=int, default=None, help="use at most this many training examples (default with --data: 2000)")
     d.add_argument("--all", action="store_true", help="every method, not only the default rows")
     d.set_defaults(fn=cmd_demo)
+
+    g = sub.add_parser("generate", help='text from a run: memtune generate RUN_DIR "prompt" [key=value ...]')
+    g.add_argument("run_dir")
+    g.add_argument("prompt")
+    g.add_argument("--json", action="store_true", help="one JSON object: text, path (engine | plain), why")
+    _sampling_args(g, 64)
+    g.set_defaults(fn=cmd_generate)
+
+    c = sub.add_parser("chat", help="chat with a run (streaming, the tokenizer's chat template): memtune chat RUN_DIR")
+    c.add_argument("run_dir")
+    _sampling_args(c, 256)
+    c.set_defaults(fn=cmd_chat)
 
     v = sub.add_parser("env", help="versions, devices and the CPU/GPU capabilities memtune's paths depend on "
                                    "(paste it into a bug report)")

@@ -241,7 +241,7 @@ class Engine:
         """Append-side bookkeeping after a sampled token: stop conditions, streamed text."""
         p = r.params
         reason = None
-        if token in self.eos and not p.ignore_eos:
+        if (token in self.eos or token in p.stop_token_ids) and not p.ignore_eos:
             reason = "stop"
         text = self._decode(r.output_ids[:-1] if reason else r.output_ids)
         if p.stop:

@@ -22,7 +22,8 @@ class SamplingParams:
     top_p: float = 1.0  # 1 = off
     seed: int | None = None  # None: drawn from the engine's generator
     stop: list[str] = field(default_factory=list)  # generation ends before the first occurrence of any
-    ignore_eos: bool = False  # keep generating past the EOS token (benchmarks)
+    stop_token_ids: list[int] = field(default_factory=list)  # ids that end generation like EOS (e.g. <|im_end|>)
+    ignore_eos: bool = False  # keep generating past EOS and stop_token_ids (benchmarks)
 
     def check(self) -> None:
         if self.max_tokens < 1:
