@@ -127,6 +127,13 @@ def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value")
 
 
+def cmd_serve(ns) -> int:
+    from .serve.launch import serve
+
+    ns.run_dir, ns.overrides = _split_target(ns.args)
+    return serve(ns)
+
+
 def cmd_demo(ns) -> int:
     from .demo import run_demo
 
@@ -191,6 +198,32 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("run_dir")
     _sampling_args(c, 256)
     c.set_defaults(fn=cmd_chat)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible server over the multi-adapter engine: memtune serve "
+                                     "--model BASE [--adapters name=DIR ...] | memtune serve RUN_DIR")
+    s.add_argument("args", nargs="*", metavar="RUN_DIR | key=value")
+    s.add_argument("--model", help="base model: preset, local path or HF id (or serve a RUN_DIR)")
+    s.add_argument("--adapters", nargs="*", metavar="NAME=DIR", help="LoRA adapters to serve, by name")
+    s.add_argument("--adapter-dir", help="serve every adapter directory under DIR, named after its folder")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000, help="0 = any free port (the real one is printed)")
+    s.add_argument("--served-model-name", help="the `model` name of the base (default: --model as given)")
+    s.add_argument("--pool-mib", type=float, default=1024.0, help="device memory for KV pages + resident adapters")
+    s.add_argument("--page-tokens", type=int, default=16, help="tokens per KV page")
+    s.add_argument("--max-running", type=int, default=32, help="requests decoding together")
+    s.add_argument("--max-batch-tokens", type=int, default=2048, help="prompt tokens admitted per step")
+    s.add_argument("--max-adapters-per-batch", type=int, default=32, help="distinct adapters in one batch")
+    s.add_argument("--max-resident-adapters", type=int, default=0,
+                   help="device adapter slots (0: as many as the pool holds)")
+    s.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    s.add_argument("--enable-adapter-loading", action="store_true",
+                   help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter")
+    s.add_argument("--adapter-root", action="append",
+                   help="run-time adapter paths must resolve inside this directory (repeatable)")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGINT/SIGTERM")
+    s.add_argument("--log-level", default="warning", help="uvicorn's log level")
+    s.set_defaults(fn=cmd_serve)
 
     v = sub.add_parser("env", help="versions, devices and the CPU/GPU capabilities memtune's paths depend on "
                                    "(paste it into a bug report)")

@@ -24,8 +24,8 @@ Factors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module -> (A, B
 
 
 class AdapterCache:
-    def __init__(self, pool: PagePool, shapes: dict[str, tuple[int, int]]) -> None:
-        self.pool, self.shapes = pool, shapes
+    def __init__(self, pool: PagePool, shapes: dict[str, tuple[int, int]], max_resident: int = 0) -> None:
+        self.pool, self.shapes, self.max_resident = pool, shapes, max_resident  # 0: as many as pages allow
         self.host: dict[str, HostAdapter] = {}
         self.resident: OrderedDict[str, Factors] = OrderedDict()  # LRU order: oldest first
         self.pins: Counter[str] = Counter()
@@ -68,6 +68,9 @@ class AdapterCache:
             self.resident.move_to_end(name)
             self.hits += 1
         else:
+            while self.max_resident and len(self.resident) >= self.max_resident:
+                if not self.evict_one():
+                    raise PoolFull(f"{len(self.resident)} adapters resident and pinned (max_resident_adapters)")
             self.resident[name] = self._load(name)
         self.pins[name] += 1
         return self.resident[name]

@@ -49,6 +49,7 @@ class EngineConfig:
     max_running: int = 32  # sequences in one batch
     max_prefill_tokens: int = 2048  # prompt tokens admitted per step (one long prompt always fits)
     max_adapters: int = 32  # distinct adapters per batch
+    max_resident_adapters: int = 0  # adapters kept on the device at once (0: as many as the pool holds)
     lora_kernel: str = "auto"  # segment | gather | auto (gather for decode-only steps on CUDA)
     seed: int = 0  # generator for requests without a seed of their own
 
@@ -58,6 +59,9 @@ class EngineConfig:
                 raise ConfigError(f"serve.{name}: expected >= 1, got {getattr(self, name)}")
         if self.lora_kernel not in ("segment", "gather", "auto"):
             raise ConfigError(f"serve.lora_kernel: expected segment, gather or auto, got {self.lora_kernel!r}")
+        if 0 < self.max_resident_adapters < self.max_adapters:
+            raise ConfigError(f"serve.max_resident_adapters ({self.max_resident_adapters}) must be >= max_adapters "
+                              f"({self.max_adapters}): every adapter of a batch is on the device")
         if self.pool_mib <= 0:
             raise ConfigError(f"serve.pool_mib: expected > 0, got {self.pool_mib}")
 
@@ -102,7 +106,7 @@ class Engine:
         self.lora = LoraContext()
         wrap_linears(model, names, self.lora)
         self.shapes = {n: s for n, s in linear_shapes(model).items() if n in set(names)}
-        self.adapters = AdapterCache(self.pool, self.shapes)
+        self.adapters = AdapterCache(self.pool, self.shapes, config.max_resident_adapters)
         self.scheduler = Scheduler(SchedulerConfig(config.max_running, config.max_prefill_tokens,
                                                    config.max_adapters), self.pool, self.adapters)
         model.set_attn_implementation(register())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -33,6 +34,31 @@ log = logging.getLogger(__name__)
 
 ENGINE_ADAPTERS = ("lora", "dylora", "adalora", "longlora")  # PEFT LoRA-family files the engine reads
 AS_BASE = ("full", "none")  # the run's artifact (or model) is the whole model
+
+
+def engine_for(recipe, artifact: Path | None, config: EngineConfig | None,
+               adapter_name: str = "run") -> tuple[Engine, str | None]:
+    """The engine over a recipe's base in its storage, with the run's adapter (if any) registered as
+    `adapter_name`. ModelError when the engine cannot serve it (then the plain path can)."""
+    recipe = copy.deepcopy(recipe)
+    kind = recipe.adapter.kind
+    if kind not in AS_BASE and kind not in ENGINE_ADAPTERS:
+        raise ModelError(f"adapter.kind={kind} is not a LoRA-family adapter the engine batches")
+    if kind in AS_BASE:
+        run = build_run(recipe, adapter_path=artifact if kind == "full" else None)
+    else:
+        path = artifact or recipe.adapter.path
+        if path is None:
+            raise ConfigError(f"adapter.kind={kind}: no trained adapter (pass a run directory or adapter.path)")
+        rank = getattr(recipe.adapter, "rank", None) or None  # DyLoRA's serving rank
+        recipe.adapter = NoAdapterConfig()
+        recipe.attention = None  # LongLoRA's shifted attention is for training only
+        run = build_run(recipe)
+    engine = Engine(run.model, run.tokenizer, config)
+    if kind in AS_BASE:
+        return engine, None
+    engine.add_adapter(adapter_name, path, rank=rank)
+    return engine, adapter_name
 
 
 class TextGenerator:
@@ -64,22 +90,8 @@ class TextGenerator:
             log.info("generating through the plain path: %s", self.why)
 
     def _open_engine(self, config: EngineConfig | None) -> None:
-        recipe = copy.deepcopy(self.recipe)
-        kind = recipe.adapter.kind
-        if kind in AS_BASE:
-            run = build_run(recipe, adapter_path=self.artifact if kind == "full" else None)
-        else:
-            rank = getattr(recipe.adapter, "rank", None) or None  # DyLoRA's serving rank
-            recipe.adapter = NoAdapterConfig()
-            recipe.attention = None  # LongLoRA's shifted attention is for training only
-            run = build_run(recipe)
-        self.tokenizer = run.tokenizer
-        self.engine = Engine(run.model, run.tokenizer, config)
-        if kind not in AS_BASE:
-            if self.artifact is None and not self.recipe.adapter.path:
-                raise ConfigError(f"adapter.kind={kind}: no trained adapter (pass a run directory or adapter.path)")
-            self.engine.add_adapter("run", self.artifact or self.recipe.adapter.path, rank=rank)
-            self.adapter = "run"
+        self.engine, self.adapter = engine_for(self.recipe, self.artifact, config)
+        self.tokenizer = self.engine.tokenizer
         self.path = "engine"
 
     # -- generation --------------------------------------------------------------------------------
