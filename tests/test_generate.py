@@ -54,6 +54,17 @@ def test_generate_from_every_kind_of_run(runs, name):
         assert gen.engine.adapters.loads == (0 if name == "full" else 1)
 
 
+def test_merged_and_quantized_folders_generate_through_the_engine(runs, tmp_path):
+    """A merged QA-LoRA run is an INT4 folder: the engine serves it as a base, equal to the plain path."""
+    assert main(["merge", runs["qa-lora"], "--to", str(tmp_path / "merged")]) == 0
+    gen = TextGenerator(str(tmp_path / "merged"))
+    assert gen.path == "engine", gen.why
+    params = SamplingParams(max_tokens=10)
+    assert gen.generate("Repeat", params) == TextGenerator(str(tmp_path / "merged"), prefer="plain").generate(
+        "Repeat", params)
+    assert TextGenerator("tiny-llama").path == "engine"
+
+
 def test_generate_cli_streams_and_reports_the_path(runs, capsys):
     assert main(["generate", runs["lora"], "Repeat the word river.", "--max-tokens", "8", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -371,3 +371,24 @@ def test_wrapping_keeps_the_base_output_without_adapters(base):
     x = torch.randint(0, 256, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=x).logits, base(input_ids=x).logits, rtol=0, atol=0)
+
+
+def test_bf16_base_follows_the_dense_bf16_forward(base, adapter_dirs):
+    """A bf16 base: pool and adapters in bf16; each step's logits stay close to HF's bf16 forward of
+    the merged sequence (bf16 rounding differs between packed and dense order, so not bit-equal)."""
+    bf = copy.deepcopy(base).to(torch.bfloat16)
+    eng = Engine(copy.deepcopy(bf), byte_tokenizer(), EngineConfig(pool_mib=2, page_tokens=4))
+    eng.add_adapter("r4-all", adapter_dirs["r4-all"])
+    assert eng.pool.storage.dtype == torch.bfloat16
+    p = prompts(1, seed=13)[0]
+    req = eng.add_request(p, "r4-all", SamplingParams(max_tokens=6, ignore_eos=True))
+    seen = []
+    while eng.has_work():
+        eng.step()
+        seen.append(eng.last_logits[req.id].clone())
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(bf), adapter_dirs["r4-all"]).to(torch.bfloat16)
+    with torch.no_grad():
+        full = peft_model(input_ids=torch.tensor([p + req.output_ids])).logits[0].float()
+    ours = torch.stack(seen)
+    ref = full[len(p) - 1:len(p) - 1 + len(req.output_ids)]
+    assert (ours - ref).abs().max() < 0.1 * ref.abs().max()

@@ -17,11 +17,10 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..evaluate import recipe_for
 from ..recipe import build_recipe
 from .engine import Engine, EngineConfig
 from .engine_thread import EngineThread
-from .run_model import engine_for
+from .run_model import engine_for, target_recipe
 
 
 def parse_adapters(items: list[str]) -> dict[str, str]:
@@ -50,7 +49,7 @@ def build_engine(run_dir: str | None, model: str | None, overrides: list[str],
     if run_dir and model:
         raise ConfigError("serve: give a run directory or --model, not both")
     if run_dir:
-        recipe, artifact = recipe_for(run_dir, overrides)
+        recipe, artifact = target_recipe(run_dir, overrides)
         name = Path(run_dir).resolve().name
         engine, adapter = engine_for(recipe, artifact, config, adapter_name=name)
         registered = {adapter: str(artifact)} if adapter else {}

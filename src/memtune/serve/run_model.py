@@ -26,7 +26,9 @@ import torch
 from ..adapters.none import NoAdapterConfig
 from ..errors import ConfigError, ModelError
 from ..evaluate import recipe_for
+from ..models import PRESETS
 from ..pipeline import build_run
+from ..recipe import build_recipe
 from .engine import Engine, EngineConfig
 from .sampling import SamplingParams, stop_at
 
@@ -34,6 +36,17 @@ log = logging.getLogger(__name__)
 
 ENGINE_ADAPTERS = ("lora", "dylora", "adalora", "longlora")  # PEFT LoRA-family files the engine reads
 AS_BASE = ("full", "none")  # the run's artifact (or model) is the whole model
+
+
+def target_recipe(target: str, overrides: list[str]):
+    """(recipe, artifact) for a run directory or a recipe file, as `memtune eval` reads them; a model
+    folder (config.json, e.g. a `memtune merge` output) or a preset is used as it is (adapter.kind=none)."""
+    path = Path(target)
+    is_model = (path.is_dir() and not (path / "recipe.yaml").is_file() and (path / "config.json").is_file()) \
+        or target in PRESETS
+    if is_model:
+        return build_recipe({"model": target}, ["adapter.kind=none", *overrides]), None
+    return recipe_for(target, overrides)
 
 
 def engine_for(recipe, artifact: Path | None, config: EngineConfig | None,
@@ -65,7 +78,7 @@ class TextGenerator:
     def __init__(self, target: str, overrides: list[str] = (), config: EngineConfig | None = None,
                  prefer: str = "engine") -> None:
         """`prefer="plain"` skips the engine (to check one path against the other)."""
-        recipe, artifact = recipe_for(target, list(overrides))
+        recipe, artifact = target_recipe(target, list(overrides))
         if recipe.task != "causal-lm" or recipe.prompt is not None:
             raise ConfigError(f"{target}: task {recipe.task!r}{' with a prompt' if recipe.prompt else ''} does not "
                               f"generate text; generate and chat take causal-lm runs")
