@@ -139,7 +139,8 @@ def test_models_health_and_metrics(served):
         text = h.get("/metrics").text
     for name in ("memtune_queue_depth", "memtune_running_requests", 'memtune_pool_pages{use="kv"}',
                  "memtune_adapter_loads", "memtune_adapter_hit_rate", "memtune_time_to_first_token_seconds_bucket",
-                 "memtune_time_per_output_token_seconds_bucket", 'memtune_requests_total{finish_reason="length"}'):
+                 "memtune_time_per_output_token_seconds_bucket", 'memtune_requests_total{finish_reason="length"}',
+                 'memtune_memory_bytes{category="weights"}', 'memtune_memory_bytes{category="adapter_pages"}'):
         assert name in text, name
 
 

@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 
 from .adapters import AdapterError, HostAdapter, read_lora_dir
+from .lora_kernels import Factor
 from .pool import PagePool, PoolFull
 
 NAME_RE = re.compile(r"^[\w.\-]{1,64}$")
-Factors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module -> (A, B, s) views into the pool
+Factors = dict[str, Factor]  # module -> its factors, views into the pool
 
 
 class AdapterCache:
@@ -111,7 +112,7 @@ class AdapterCache:
             offset += m.b.numel()
             a.copy_(m.a, non_blocking=True)
             b.copy_(m.b, non_blocking=True)
-            factors[module] = (a, b, m.scale)
+            factors[module] = Factor(a, b, m.scale, a.t(), b.t())
         if flat.device.type == "cuda":
             torch.cuda.current_stream().synchronize()
         self.load_seconds += time.perf_counter() - t0

@@ -4,7 +4,7 @@ Requests are validated here before anything reaches the engine: a wrong type or 
 naming the field (OpenAI's error body: {"error": {"message", "type", "param", "code"}}); a field the
 API defines but the engine cannot honour (n > 1, logprobs, tools, ...) is a 400 naming it; fields
 the API does not define are ignored, as OpenAI's server does, so clients that send extras work.
-`top_k` is accepted as vLLM and SGLang accept it.
+`top_k` and `ignore_eos` are accepted as vLLM and SGLang accept them.
 """
 
 from __future__ import annotations
@@ -132,9 +132,10 @@ def parse(body: Any, chat: bool, max_tokens_limit: int) -> Parsed:
     include_usage = options.get("include_usage", False)
     if not isinstance(include_usage, bool):
         raise bad("stream_options.include_usage", "expected true or false")
+    ignore_eos = _typed(body, "ignore_eos", (bool,), "true or false", False)
     # OpenAI's default temperature is 1 (sampling); temperature 0 is greedy here as everywhere
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=max(top_k, 0), top_p=top_p,
-                            seed=seed, stop=stop or [])
+                            seed=seed, stop=stop or [], ignore_eos=ignore_eos)
     return Parsed(model, prompt, messages, params, stream, include_usage)
 
 

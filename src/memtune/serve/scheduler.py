@@ -31,7 +31,7 @@ from .pool import PagePool, PoolFull
 from .sampling import SamplingParams
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself, not its fields (lists, generators)
 class Request:
     id: int
     prompt_ids: list[int]

@@ -52,6 +52,8 @@ class Metrics:
         self.registered = Gauge("memtune_adapters_registered", "adapters in host memory", registry=r)
         self.loads = Gauge("memtune_adapter_loads", "adapter loads onto the device so far", registry=r)
         self.hit_rate = Gauge("memtune_adapter_hit_rate", "share of adapter uses already on the device", registry=r)
+        self.memory = Gauge("memtune_memory_bytes", "device bytes by category (engine.memory())", ["category"],
+                            registry=r)
         self.requests = Counter("memtune_requests", "finished requests", ["finish_reason"], registry=r)
         self.tokens = Counter("memtune_generated_tokens", "generated tokens", registry=r)
         self.ttft = Histogram("memtune_time_to_first_token_seconds", "arrival to first token", registry=r,
@@ -82,6 +84,8 @@ class Metrics:
         self.loads.set(st.loads)
         uses = st.loads + st.hits
         self.hit_rate.set(st.hits / uses if uses else 0.0)
+        for category, n in eng.memory().items():
+            self.memory.labels(category).set(n)
         return generate_latest(self.registry)
 
 
