@@ -324,3 +324,18 @@ def test_memtune_serve_command_starts_answers_and_stops_on_sigterm(tmp_path):
             proc.kill()
             proc.wait()
     assert "stopped" in proc.stderr.read()
+
+
+def test_serve_a_run_directory_names_its_adapter_after_the_run(tmp_path):
+    from conftest import ROOT, base_overrides
+    from memtune.cli import main
+    from memtune.serve.launch import build_engine, parse_adapters
+
+    run = tmp_path / "sql-lora"
+    assert main(["train", "model=tiny-llama", f"data.train={ROOT / 'examples' / 'data' / 'alpaca.jsonl'}",
+                 "adapter.kind=lora", "adapter.r=4", "train.max_steps=2", *base_overrides(run)]) == 0
+    engine, base_name, root, registered = build_engine(str(run), None, [], EngineConfig(pool_mib=4))
+    assert base_name == "tiny-llama" and list(registered) == ["sql-lora"]
+    assert list(engine.adapters.host) == ["sql-lora"]
+    with pytest.raises(Exception, match="NAME=DIR"):
+        parse_adapters(["nodir"])

@@ -208,8 +208,7 @@ class Engine:
             if len(feed) == 1:
                 decode.append((start, length, table))
             else:
-                prefills.append((start, len(ids), torch.tensor([table[q // pt] for q in range(length)]),
-                                 torch.tensor([q % pt for q in range(length)])))
+                prefills.append((start, len(ids), torch.tensor(table[:self.pool.kv_pages_for(length)]), length))
             if r.adapter is not None:
                 slot = slots[r.adapter]
                 adapters[slot] = r.factors
@@ -218,22 +217,19 @@ class Engine:
                 else:
                     segments.append(Segment(start, len(ids), slot))
         dev = self.device
-        d_rows = d_pages = d_slots = d_mask = None
+        d_rows = d_pages = d_mask = None
         if decode:
-            lmax = max(n for _, n, _ in decode)
-            d_pages = torch.zeros(len(decode), lmax, dtype=torch.long)
-            d_slots = torch.zeros(len(decode), lmax, dtype=torch.long)
-            d_mask = torch.zeros(len(decode), 1, 1, lmax, dtype=torch.bool)
-            q = torch.arange(lmax)
+            n_pages = max(self.pool.kv_pages_for(n) for _, n, _ in decode)
+            d_pages = torch.zeros(len(decode), n_pages, dtype=torch.long)
+            d_mask = torch.zeros(len(decode), 1, 1, n_pages * pt, dtype=torch.bool)
             for b, (_, n, table) in enumerate(decode):
-                d_pages[b, :n] = torch.tensor(table)[q[:n] // pt]
-                d_slots[b, :n] = q[:n] % pt
+                used = self.pool.kv_pages_for(n)
+                d_pages[b, :used] = torch.tensor(table[:used])
                 d_mask[b, ..., :n] = True
             d_rows = torch.tensor([row for row, _, _ in decode]).to(dev)
-            d_pages, d_slots, d_mask = d_pages.to(dev), d_slots.to(dev), d_mask.to(dev)
+            d_pages, d_mask = d_pages.to(dev), d_mask.to(dev)
         paged = PagedStep(self.pool, torch.tensor(wp, device=dev), torch.tensor(ws, device=dev),
-                          [(s, e, pg.to(dev), sl.to(dev)) for s, e, pg, sl in prefills], d_rows, d_pages, d_slots,
-                          d_mask)
+                          [(s, e, pg.to(dev), n) for s, e, pg, n in prefills], d_rows, d_pages, d_mask)
         kernel = self.config.lora_kernel
         if kernel == "auto":
             kernel = "gather" if dev.type == "cuda" and not prefills else "segment"
