@@ -242,8 +242,12 @@ def summarize(records: list[dict], t0: float, slo_ttft: float) -> dict:
     end = max(r["chunks"][-1] for r in records)
     span = end - t0
     ttft = np.array([r["chunks"][0] - r["arrival"] for r in records])
-    tpot = [(r["chunks"][-1] - r["chunks"][0]) / (r["tokens"] - 1) for r in records if r["tokens"] > 1]
-    itl = np.concatenate([np.diff(r["chunks"]) for r in records if len(r["chunks"]) > 1] or [np.zeros(0)])
+    # a request answered in one chunk (the merge-swap server) has no per-token times; the in-process
+    # records carry first and last token only, so no inter-token latencies
+    tpot = [(r["chunks"][-1] - r["chunks"][0]) / (r["tokens"] - 1) for r in records
+            if r["tokens"] > 1 and len(r["chunks"]) > 1]
+    itl = np.concatenate([np.diff(r["chunks"]) for r in records if len(r["chunks"]) > 1 and not r.get("ends_only")]
+                         or [np.zeros(0)])
     e2e = np.array([r["chunks"][-1] - r["arrival"] for r in records])
     tokens = sum(r["tokens"] for r in records)
 
@@ -259,7 +263,8 @@ def summarize(records: list[dict], t0: float, slo_ttft: float) -> dict:
 
 def engine_records(run) -> list[dict]:
     """The in-process run's records in the HTTP form: first token, last token (ITL: none measured)."""
-    return [{"arrival": r.arrival, "chunks": [r.first_token, r.finish], "tokens": r.output_tokens} for r in run.records]
+    return [{"arrival": r.arrival, "chunks": [r.first_token, r.finish], "tokens": r.output_tokens, "ends_only": True}
+            for r in run.records]
 
 
 # -- main --------------------------------------------------------------------------------------------------

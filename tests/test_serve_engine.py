@@ -392,3 +392,21 @@ def test_bf16_base_follows_the_dense_bf16_forward(base, adapter_dirs):
     ours = torch.stack(seen)
     ref = full[len(p) - 1:len(p) - 1 + len(req.output_ids)]
     assert (ours - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_incremental_detokenization_equals_the_full_decode(base):
+    """Multi-byte characters split across byte tokens: the streamed text waits for the whole character."""
+    from memtune.serve.scheduler import Request
+
+    eng = engine(base)
+    tok = byte_tokenizer()
+    text = "héllo wörld, 日本 ✓"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text)  # some characters take several tokens
+    r = Request(0, [1], None, SamplingParams(max_tokens=100), 0.0)
+    seen = []
+    for i in range(1, len(ids) + 1):
+        r.output_ids = ids[:i]
+        seen.append(eng._detokenize(r, i))
+        assert "\ufffd" not in seen[-1] and text.startswith(seen[-1])
+    assert seen[-1] == text

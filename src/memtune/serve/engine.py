@@ -243,24 +243,35 @@ class Engine:
         reason = None
         if (token in self.eos or token in p.stop_token_ids) and not p.ignore_eos:
             reason = "stop"
-        text = self._decode(r.output_ids[:-1] if reason else r.output_ids)
+        upto = len(r.output_ids) - (reason is not None)  # an ending token is not text
+        if reason is None and upto >= p.max_tokens:
+            reason = "length"
+        # finished: one full decode, so the final text is exactly the tokenizer's; else incremental
+        text = self._decode(r.output_ids[:upto]) if reason else self._detokenize(r, upto)
         if p.stop:
             cut = stop_at(text, p.stop)
             if cut is not None:
                 text, reason = text[:cut], "stop"
-        if reason is None and len(r.output_ids) >= p.max_tokens:
-            reason = "length"
         r.text = text
         if reason is None:
             visible = len(text) - held_back(text, p.stop)
-            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-                visible = min(visible, len(text) - 1)
         else:
             visible = len(text)
             self.scheduler.finish(r, reason)
         delta = text[r.streamed:visible] if visible > r.streamed else ""
         r.streamed = max(r.streamed, visible)
         return StepEvent(r, delta, [token], reason is not None)
+
+    def _detokenize(self, r: Request, upto: int) -> str:
+        """The text of output_ids[:upto], extended incrementally (vLLM's prefix / read offsets): only a
+        window of the last tokens is decoded per step, and the text grows when the window's decode is
+        longer than its prefix's and ends in a complete character."""
+        prefix = self._decode(r.output_ids[r.prefix_offset:r.read_offset])
+        window = self._decode(r.output_ids[r.prefix_offset:upto])
+        if len(window) > len(prefix) and not window.endswith("\ufffd"):
+            r.decoded += window[len(prefix):]
+            r.prefix_offset, r.read_offset = r.read_offset, upto
+        return r.decoded
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""

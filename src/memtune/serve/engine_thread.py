@@ -54,7 +54,7 @@ class EngineThread:
         self.engine, self.max_queue, self.on_finish = engine, max_queue, on_finish
         self.commands: queue.Queue = queue.Queue()
         self.streams: dict[int, Stream] = {}
-        self.pending = 0  # submissions not yet in the engine
+        self._pending: set[object] = set()  # submissions not yet in the engine
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="memtune-engine", daemon=True)
         self.error: BaseException | None = None
@@ -77,13 +77,11 @@ class EngineThread:
         if self.waiting() >= self.max_queue:
             raise QueueFull(f"{self.waiting()} requests are waiting (the server's limit is {self.max_queue})")
         loop = asyncio.get_running_loop()
-        self.pending += 1
-        ran = False
+        token = object()
+        self._pending.add(token)
 
         def add(engine: Engine) -> Stream:
-            nonlocal ran
-            ran = True
-            self.pending -= 1
+            self._pending.discard(token)
             req = engine.add_request(prompt_ids, adapter, params)
             stream = Stream(req, asyncio.Queue(), loop)
             self.streams[req.id] = stream
@@ -92,8 +90,7 @@ class EngineThread:
         try:
             return await self.call(add)
         finally:
-            if not ran:
-                self.pending -= 1
+            self._pending.discard(token)  # (a submission whose handler is gone never counts again)
 
     async def abort(self, stream: Stream) -> None:
         """Cancel a request (client gone): its pages are freed before the next step."""
@@ -109,6 +106,10 @@ class EngineThread:
             await self.call(cancel)
         except Stopped:
             pass
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
 
     def waiting(self) -> int:
         return len(self.engine.scheduler.waiting) + self.pending
@@ -144,7 +145,9 @@ class EngineThread:
                 return
 
     def _deliver(self, events: list[StepEvent]) -> None:
+        """One cross-thread wake-up per event loop per step, however many requests got a token."""
         now = time.perf_counter()
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
         for ev in events:
             stream = self.streams.get(ev.request.id)
             if stream is None:
@@ -153,9 +156,15 @@ class EngineThread:
                 stream.token_gaps.append(now - stream.last_token_time)
             stream.last_token_time = now
             stream.tokens += len(ev.token_ids)
-            stream.loop.call_soon_threadsafe(stream.events.put_nowait, ev)
+            batches.setdefault(stream.loop, []).append((stream.events, ev))
             if ev.finished:
-                self._end(stream)
+                stream.done = True
+                self.streams.pop(ev.request.id, None)
+                batches[stream.loop].append((stream.events, None))
+                if self.on_finish is not None:
+                    self.on_finish(stream)
+        for loop, items in batches.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _end(self, stream: Stream) -> None:
         stream.done = True
@@ -191,3 +200,8 @@ class EngineThread:
         """Abort what runs (every stream ends) and join the thread."""
         self.stopping.set()
         self.thread.join(timeout)
+
+
+def _put_all(items: list) -> None:
+    for q, ev in items:
+        q.put_nowait(ev)

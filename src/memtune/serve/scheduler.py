@@ -44,6 +44,9 @@ class Request:
     status: str = "waiting"  # waiting | running | finished
     finish_reason: str | None = None  # stop | length | abort
     text: str = ""  # decoded output so far (up to a stop string)
+    decoded: str = ""  # incremental detokenization: text of output_ids[:read_offset]
+    prefix_offset: int = 0
+    read_offset: int = 0
     streamed: int = 0  # characters of text handed out
     first_token_time: float | None = None
     finish_time: float | None = None
