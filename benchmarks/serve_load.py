@@ -44,6 +44,7 @@ from types import SimpleNamespace
 
 import httpx
 import numpy as np
+import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -185,12 +186,14 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 def scrape(url: str) -> dict[str, float]:
-    """memtune_memory_bytes{category=...} from /metrics."""
+    """memtune_memory_bytes{category=...}, engine steps and forward seconds from /metrics."""
     out = {}
     for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
         if line.startswith("memtune_memory_bytes{"):
             key = line.split('category="', 1)[1].split('"', 1)[0]
             out[key] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith(("memtune_engine_steps ", "memtune_engine_forward_seconds ")):
+            out[line.split()[0][len("memtune_engine_"):]] = float(line.split()[1])
     return out
 
 
@@ -301,6 +304,16 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def steps_cells(engine: dict) -> list[str]:
+    steps, fwd = engine.get("steps"), engine.get("forward_seconds")
+    return ["-", "-"] if not steps else [f"{steps:.0f}", f"{1000 * fwd / steps:.1f}"]
+
+
+def cpu_seconds(p: psutil.Process) -> float:
+    t = p.cpu_times()
+    return t.user + t.system
+
+
 def free_port() -> int:
     from memtune.serve.launch import bind
 
@@ -336,7 +349,8 @@ def main() -> None:
         run = run_engine(base, trace, dirs, config, torch.device("cpu"),
                          tokenizer=word_tokenizer(base.config.vocab_size))
         rows.append({"system": IN_PROCESS, **summarize(engine_records(run), run.t0, args.slo_ttft),
-                     "memory": {k: v for k, v in run.memory.items() if v is not None}})
+                     "memory": {k: v for k, v in run.memory.items() if v is not None},
+                     "engine": {"steps": run.stats["steps"], "forward_seconds": run.stats["forward_seconds"]}})
         print(f"  {IN_PROCESS}: {rows[-1]['req_per_s']:.2f} req/s", flush=True)
     servers = {
         "http": (HTTP, [sys.executable, "-m", "memtune", "serve", "--model", str(model_dir), "--pool-mib",
@@ -356,18 +370,26 @@ def main() -> None:
         try:
             warm = TraceRequest(-1, 0, 0.0, trace[0].prompt, 4)
             asyncio.run(replay_http(url, [warm], names))  # connections, allocator, the first adapter
+            server_cpu, client_cpu = cpu_seconds(psutil.Process(proc.pid)), cpu_seconds(psutil.Process())
             records, t0, peak = asyncio.run(replay_http(url, trace, names))
-            memory = {**scrape(url), **{f"peak_{k}": v for k, v in peak.items() if k in ("kv_pages", "adapter_pages")}}
+            cpu = {"server_cpu_s": cpu_seconds(psutil.Process(proc.pid)) - server_cpu,
+                   "client_cpu_s": cpu_seconds(psutil.Process()) - client_cpu}
+            before = scrape(url)
+            memory = {k: v for k, v in before.items() if k not in ("steps", "forward_seconds")}
+            memory.update({f"peak_{k}": v for k, v in peak.items() if k in ("kv_pages", "adapter_pages")})
+            engine = {k: before.get(k) for k in ("steps", "forward_seconds")}
         finally:
             stop_server(proc)
-        rows.append({"system": label, **summarize(records, t0, args.slo_ttft), "memory": memory})
+        rows.append({"system": label, **summarize(records, t0, args.slo_ttft), "memory": memory, **cpu,
+                     "engine": engine})
         print(f"  {label}: {rows[-1]['req_per_s']:.2f} req/s", flush=True)
 
     def ms(d: dict, key: str) -> str:
         return "-" if d[key]["p50"] is None else "/".join(f"{d[key][p]:.0f}" for p in ("p50", "p90", "p99"))
 
     head = ["system", "req/s", "out tok/s", "goodput req/s", "TTFT ms p50/90/99", "TPOT ms p50/90/99",
-            "ITL ms p50/90/99", "e2e s", "weights MiB", "KV MiB (peak)", "adapter MiB", "host adapter MiB"]
+            "ITL ms p50/90/99", "e2e s", "weights MiB", "KV MiB (peak)", "adapter MiB", "host adapter MiB",
+            "CPU s server/client", "steps", "forward ms/step"]
     cells = []
     for r in rows:
         m = r["memory"]
@@ -375,7 +397,9 @@ def main() -> None:
         cells.append([r["system"], f"{r['req_per_s']:.2f}", f"{r['output_tok_per_s']:.1f}",
                       f"{r['goodput_req_per_s']:.2f}", ms(r, "ttft_ms"), ms(r, "tpot_ms"), ms(r, "itl_ms"),
                       f"{r['e2e_mean_s']:.2f}", mib(m.get("weights")), mib(kv),
-                      mib(m.get("peak_adapter_pages", m.get("adapter_pages"))), mib(m.get("host_adapters"))])
+                      mib(m.get("peak_adapter_pages", m.get("adapter_pages"))), mib(m.get("host_adapters")),
+                      f"{r['server_cpu_s']:.0f}/{r['client_cpu_s']:.0f}" if "server_cpu_s" in r else "-",
+                      *steps_cells(r.get("engine") or {})])
     print(f"\n{args.model}, {args.n} adapters, {len(trace)} requests; goodput: TTFT <= {args.slo_ttft} s\n")
     print(table(head, cells))
     by = {r["system"]: r["req_per_s"] for r in rows}

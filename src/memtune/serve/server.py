@@ -54,6 +54,8 @@ class Metrics:
         self.hit_rate = Gauge("memtune_adapter_hit_rate", "share of adapter uses already on the device", registry=r)
         self.memory = Gauge("memtune_memory_bytes", "device bytes by category (engine.memory())", ["category"],
                             registry=r)
+        self.steps = Gauge("memtune_engine_steps", "engine steps so far", registry=r)
+        self.forward = Gauge("memtune_engine_forward_seconds", "seconds in the model's forward so far", registry=r)
         self.requests = Counter("memtune_requests", "finished requests", ["finish_reason"], registry=r)
         self.tokens = Counter("memtune_generated_tokens", "generated tokens", registry=r)
         self.ttft = Histogram("memtune_time_to_first_token_seconds", "arrival to first token", registry=r,
@@ -84,6 +86,8 @@ class Metrics:
         self.loads.set(st.loads)
         uses = st.loads + st.hits
         self.hit_rate.set(st.hits / uses if uses else 0.0)
+        self.steps.set(getattr(eng, "steps", 0))
+        self.forward.set(getattr(eng, "forward_seconds", 0.0))
         for category, n in eng.memory().items():
             self.memory.labels(category).set(n)
         return generate_latest(self.registry)
@@ -201,14 +205,29 @@ def create_app(thread: EngineThread, opts: ServerOptions) -> FastAPI:
         def event(obj) -> str:
             return f"data: {json.dumps(obj)}\n\n"
 
+        # a token's chunk is the same JSON every time but for its text: the text is the only field
+        # serialized per token (the HTTP thread shares the GIL with the engine's step)
+        head, tail = json.dumps(chunk(rid, parsed.model, chat, "\0", None)).split('"\\u0000"')
+        queue = stream.events
         try:
             if chat:
                 yield event(chunk(rid, parsed.model, chat, "", None, first=True))
-            while (ev := await stream.events.get()) is not None:
-                req = ev.request
-                if ev.text or ev.finished:
-                    reason = req.finish_reason if ev.finished else None
-                    yield event(chunk(rid, parsed.model, chat, ev.text, reason))
+            ended = False
+            while not ended:
+                events = [await queue.get()]
+                while not queue.empty():  # whatever else is ready goes out in the same write
+                    events.append(queue.get_nowait())
+                out = []
+                for ev in events:
+                    if ev is None:
+                        ended = True
+                        break
+                    if ev.finished:
+                        out.append(event(chunk(rid, parsed.model, chat, ev.text, ev.request.finish_reason)))
+                    elif ev.text:
+                        out.append(f"data: {head}{json.dumps(ev.text)}{tail}\n\n")
+                if out:
+                    yield "".join(out)
             req = stream.request
             if req.finish_reason == "abort":
                 yield event(APIError(503, "the request was aborted (server shutting down)").body())
