@@ -199,12 +199,13 @@ def test_mezo_over_virtual_tokens_moves_only_them_and_lowers_the_loss(kind):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
 
 
-@pytest.mark.parametrize("variant", ["sgd", "momentum", "adam"])
-def test_replaying_a_trajectory_reproduces_the_trained_weights(tmp_path, variant):
+@pytest.mark.parametrize("variant,fuse", [("sgd", True), ("sgd", False), ("momentum", True), ("adam", True)])
+def test_replaying_a_trajectory_reproduces_the_trained_weights(tmp_path, variant, fuse):
     m = build_preset("tiny-llama", "causal-lm").model
     fresh = copy.deepcopy(m)
     rule = rule_for(m, CausalLMTask(), steps=5, train_cfg=TrainConfig(schedule="linear", warmup_steps=1, seed=3),
-                    lr=1e-2, eps=1e-2, variant=variant, samples=2, trajectory=True, chunk=4096)
+                    lr=1e-2, eps=1e-2, variant=variant, samples=2, trajectory=True, chunk=4096, fuse_update=fuse)
+    assert rule.fused == (fuse and variant == "sgd")
     g = torch.Generator().manual_seed(0)
     for _ in range(5):
         ids = torch.randint(3, 250, (2, 12), generator=g)
@@ -214,6 +215,42 @@ def test_replaying_a_trajectory_reproduces_the_trained_weights(tmp_path, variant
     assert replay(fresh, tmp_path) == 5
     for (n, p), q in zip(m.named_parameters(), fresh.parameters()):
         assert torch.equal(p, q), n
+
+
+@pytest.mark.parametrize("samples,wd", [(1, 0.1), (2, 0.0)])
+def test_fused_restore_and_update_equals_the_unfused_step_with_one_z_draw_fewer(monkeypatch, samples, wd):
+    """theta2 (1 - a) + (eps (1 - a) - lr/n g) z is the restore followed by the update, in exact math."""
+    import memtune.gradient.mezo as mezo_mod
+
+    lin_f, lin_u = nn.Linear(16, 8), nn.Linear(16, 8)
+    lin_u.load_state_dict(lin_f.state_dict())
+    x = torch.randn(4, 16)
+
+    class LinTask(QuadTask):
+        def loss_sum(self, model, batch):
+            return (model(x) ** 2).mean(), {}
+
+    draws = {"n": 0}
+    real = mezo_mod.z_slices
+
+    def counted(p, seed, index, chunk):
+        if index == 0:
+            draws["n"] += 1
+        yield from real(p, seed, index, chunk)
+
+    monkeypatch.setattr(mezo_mod, "z_slices", counted)
+    counts = []
+    for lin, fuse in ((lin_f, True), (lin_u, False)):
+        rule = rule_for(lin, LinTask(), lr=0.05, eps=1e-2, samples=samples, weight_decay=wd, fuse_update=fuse)
+        assert rule.fused == fuse
+        draws["n"] = 0
+        for _ in range(3):
+            rule.step([{}])
+        counts.append(draws["n"])
+    assert counts == [3 * (4 * samples - 1), 3 * 4 * samples]  # 4 draws per seed, one fewer per step fused
+    for a, b in zip(lin_f.parameters(), lin_u.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert rule_for(nn.Linear(2, 2), samples=2, weight_decay=0.1).fused is False  # reorders decayed updates
 
 
 def test_replay_rejects_a_different_model(tmp_path):

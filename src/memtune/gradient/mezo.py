@@ -17,6 +17,15 @@ then, with z_j regenerated from s_j (never stored):
 where ghat_t = (1/n) sum_j g_j z_j. Weight decay skips tensors with fewer than 2 dimensions (biases,
 norm weights), as the AdamW rule does.
 
+Fused restore and update (`fuse_update`, sgd): the last seed's restoring +eps z and its update share
+z, so they run as one pass over theta, from the -eps point theta2 = theta - eps z:
+
+    theta <- (theta2 + eps z)(1 - a) - (lr/n) g z = theta2 (1 - a) + (eps (1 - a) - (lr/n) g) z,   a = lr/n wd
+
+Same arithmetic in exact math, three z draws a step instead of four. With n > 1 the fused seed's update
+comes first, before the other seeds' updates; that reorders the updates only, so it is used with n = 1
+or without weight decay (where order does not change the result). Replay repeats the fused sequence.
+
 What is never materialized: z for all parameters. Each trainable tensor k draws its z from a private
 `torch.Generator` seeded with mix(s, k), in the model's parameter order, in slices of at most
 `chunk` elements; so perturbation, restore and update each need one slice of scratch memory, and a
@@ -95,6 +104,7 @@ class MezoConfig(OptimizerConfig):
     seed: int | None = None  # master seed of the perturbations; None = train.seed
     trajectory: bool = False  # save (seed, g) per step to trajectory.safetensors
     chunk: int = 1 << 20  # z is generated in slices of at most this many elements
+    fuse_update: bool = True  # sgd: the last seed's restore and update in one z pass (3 draws a step, not 4)
 
     def check(self, prefix: str) -> None:
         super().check(prefix)
@@ -267,14 +277,22 @@ class Mezo(UpdateRule):
         with torch.inference_mode(), self.forward_ctx():
             return self.objective(self.model, batch)
 
-    def estimate(self, batch: dict, seed: int) -> tuple[float, float]:
-        """(projected gradient g, l+) along z(seed); theta is restored afterwards."""
+    @property
+    def fused(self) -> bool:
+        """Whether the last seed's restore is folded into its update (see the module docstring)."""
+        c = self.config
+        return c.fuse_update and c.variant == "sgd" and (c.samples == 1 or not c.weight_decay)
+
+    def estimate(self, batch: dict, seed: int, restore: bool = True) -> tuple[float, float]:
+        """(projected gradient g, l+) along z(seed); theta is restored afterwards, or left at
+        theta - eps z with `restore=False` (the fused update restores it)."""
         eps = self.config.eps
         self.perturb(seed, +1.0)
         l_plus = self.loss(batch)
         self.perturb(seed, -2.0)
         l_minus = self.loss(batch)
-        self.perturb(seed, +1.0)
+        if restore:
+            self.perturb(seed, +1.0)
         g = (l_plus - l_minus) / (2 * eps)
         # rounded to float32 so a saved trajectory (float32) replays bit-for-bit
         return float(torch.tensor(g, dtype=torch.float32)), l_plus
@@ -282,18 +300,23 @@ class Mezo(UpdateRule):
     # -- update ------------------------------------------------------------------------------------
     @torch.no_grad()
     def apply(self, step: int, gs: list[float], lr: float) -> None:
-        """The update of step `step` with projected gradients `gs` (one per seed) at rate `lr`."""
+        """The update of step `step` with projected gradients `gs` (one per seed) at rate `lr`; when
+        `fused`, theta is at the last seed's -eps point and this pass also restores it."""
         c = self.config
         n = len(gs)
         if c.variant == "sgd":
-            for j, g in enumerate(gs):
-                seed = self.step_seed(step, j)
+            order = [n - 1, *range(n - 1)] if self.fused else list(range(n))
+            for j in order:
+                g, seed = gs[j], self.step_seed(step, j)
+                restore = self.fused and j == n - 1
                 for k, p in enumerate(self.params):
-                    if c.weight_decay and p.ndim >= 2:
-                        p.mul_(1 - lr / n * c.weight_decay)
+                    decay = lr / n * c.weight_decay if c.weight_decay and p.ndim >= 2 else 0.0
+                    if decay:
+                        p.mul_(1 - decay)
+                    alpha = -lr / n * g + (c.eps * (1 - decay) if restore else 0.0)
                     flat = p.view(-1)
                     for sl, z in z_slices(p, seed, k, c.chunk):
-                        flat[sl].add_(z, alpha=-lr / n * g)
+                        flat[sl].add_(z, alpha=alpha)
             return
         self.history.append((step, list(gs)))
         del self.history[:-c.window()]
@@ -348,8 +371,9 @@ class Mezo(UpdateRule):
         self.model.eval()  # no dropout in the two forwards, as in the reference
         try:
             gs, losses = [], []
-            for j in range(self.config.samples):
-                g, l_plus = self.estimate(batch, self.step_seed(self.t, j))
+            n = self.config.samples
+            for j in range(n):
+                g, l_plus = self.estimate(batch, self.step_seed(self.t, j), restore=not (self.fused and j == n - 1))
                 gs.append(g)
                 losses.append(l_plus)
             self.apply(self.t, gs, self.lr)
@@ -427,7 +451,7 @@ def replay(model: nn.Module, path: str | Path, task=None, adapter=None) -> int:
                           f"({len(named)} tensors here, {len(saved)} saved)")
     from ..recipe import TrainConfig
 
-    cfg = MezoConfig(**{k: v for k, v in meta["config"].items()})
+    cfg = MezoConfig(**{"fuse_update": False, **meta["config"]})  # trajectories before fusing: unfused
     cfg.seed = meta["seed"]
     train_cfg = TrainConfig(schedule=meta["schedule"], warmup_steps=meta["warmup_steps"], seed=meta["seed"])
     rule = Mezo(cfg, model, task or _NoTask(), train_cfg, meta["total_steps"], lambda: None, adapter=adapter)
@@ -439,7 +463,8 @@ def replay(model: nn.Module, path: str | Path, task=None, adapter=None) -> int:
             seed = rule.step_seed(step, j)
             rule.perturb(seed, +1.0)
             rule.perturb(seed, -2.0)
-            rule.perturb(seed, +1.0)
+            if not (rule.fused and j == len(gs) - 1):  # the fused update restores the last one
+                rule.perturb(seed, +1.0)
         rule.apply(step, gs, rule.config.lr * rule.factor(step))
         if adapter is not None:
             adapter.after_update(model, step, rule.total_steps)
