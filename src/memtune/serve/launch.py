@@ -104,8 +104,10 @@ def serve(ns) -> int:
     print(f"memtune serve: {base_name} ({mem['weights'] / 2**20:.1f} MiB of weights, pool {mem['pool'] / 2**20:.1f} "
           f"MiB on {engine.device}) with {len(names)} adapter(s){': ' + shown if names else ''}", flush=True)
     print(f"listening on http://{host}:{port} (OpenAI API under /v1; Ctrl-C stops)", flush=True)
+    # the stdlib event loop and h11 whatever extras are installed (uvicorn would pick uvloop / httptools when
+    # present): the same server on every machine, and the faster of the two on serve_load.py (BENCHMARKS.md)
     server = uvicorn.Server(uvicorn.Config(app, log_level=ns.log_level, timeout_graceful_shutdown=ns.shutdown_timeout,
-                                           lifespan="on"))
+                                           lifespan="on", loop="asyncio", http="h11"))
     caught: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         # uvicorn catches the signal, shuts down gracefully, then raises it again for the handler it
