@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
-import json
 import os
 import signal
 import subprocess

@@ -113,7 +113,8 @@ def read_lora_dir(name: str, path: str | Path, shapes: dict[str, tuple[int, int]
         pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
         if pickled:
             raise _fail(name, path, f"weights only as pickle ({', '.join(sorted(pickled))}); pickles can run code "
-                                    f"when loaded, so only {WEIGHTS} is read (convert with safetensors.torch.save_file)")
+                                    f"when loaded, so only {WEIGHTS} is read "
+                                    f"(convert with safetensors.torch.save_file)")
         raise _fail(name, path, f"no {WEIGHTS}")
     if weights.stat().st_size > MAX_FILE_BYTES:
         raise _fail(name, path, f"{WEIGHTS} is {weights.stat().st_size / 2**30:.1f} GiB, over the "
