@@ -50,7 +50,7 @@ def new_engine(base, root, **cfg):
 
 class Served:
     def __init__(self, app, thread):
-        self.thread, self.engine = thread, thread.engine
+        self.thread, self.engine = thread, getattr(thread, "engine", None)  # (none when it runs in a process)
         sock = bind("127.0.0.1", 0)
         self.url = "http://127.0.0.1:%d" % sock.getsockname()[1]
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
@@ -65,7 +65,7 @@ class Served:
         self.server.should_exit = True
         self.runner.join(30)
         assert not self.runner.is_alive()
-        assert not self.thread.thread.is_alive()
+        assert not self.thread.alive()
 
 
 def start(base, root, max_queue=256, allow_loading=True, **cfg) -> Served:
@@ -338,3 +338,59 @@ def test_serve_a_run_directory_names_its_adapter_after_the_run(tmp_path):
     assert list(engine.adapters.host) == ["sql-lora"]
     with pytest.raises(Exception, match="NAME=DIR"):
         parse_adapters(["nodir"])
+
+
+@pytest.fixture(scope="module")
+def preset_adapters(tmp_path_factory):
+    from memtune.models import build_preset
+
+    base = build_preset("tiny-llama", "causal-lm").model
+    root = tmp_path_factory.mktemp("preset-adapters")
+    for i, name in enumerate(["p0", "p1"]):
+        write_peft_adapter(base, root / name, [2, 8][i], ["q_proj", "v_proj"], {}, 200 + i)
+    return base, root
+
+
+def test_engine_in_its_own_process_serves_the_same_text_and_frees_pages(preset_adapters):
+    """`memtune serve`'s default: the engine built and run in a child process behind the same app."""
+    import functools
+
+    from memtune.serve.engine_process import EngineProcess
+    from memtune.serve.launch import serving_engine
+
+    base, root = preset_adapters
+    config = EngineConfig(pool_mib=4, page_tokens=4, max_running=8)
+    factory = functools.partial(serving_engine, None, "tiny-llama", [], config,
+                                {"p0": str(root / "p0"), "p1": str(root / "p1")}, None)
+    proc = EngineProcess(factory, max_queue=64)
+    proc.start()
+    app = create_app(proc, ServerOptions("tiny-llama", "tiny-llama", True, [str(root)]))
+    s = Served(app, proc)
+    try:
+        ref = Engine(copy.deepcopy(base), byte_tokenizer(), config)
+        ref.add_adapter("p1", root / "p1")
+        tok = byte_tokenizer()
+        want = ref.generate([tok("hello")["input_ids"]], ["p1"], SamplingParams(max_tokens=10))[0].text
+        c = client(s)
+        assert c.completions.create(model="p1", prompt="hello", max_tokens=10, temperature=0).choices[0].text == want
+        streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+            model="p1", prompt="hello", max_tokens=10, temperature=0, stream=True) if ch.choices)
+        assert streamed == want
+        with httpx.Client(base_url=s.url) as h:
+            with h.stream("POST", "/v1/completions", json={"model": "p0", "prompt": "x", "max_tokens": 200,
+                                                           "stream": True, "ignore_eos": True}) as r:
+                next(r.iter_lines())  # then hang up mid-stream
+            r = h.post("/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": str(root / "nope")})
+            assert r.status_code == 400 and "no such directory" in r.json()["error"]["message"]
+            assert h.post("/v1/completions", json={"model": "nope", "prompt": "x"}).status_code == 404
+            deadline = time.time() + 30
+            while True:  # the child's snapshot (every 0.25 s) shows the aborted request's pages freed
+                snap = proc.snapshot()
+                if snap["pages"].get("kv", 1) == 0 and snap["running"] == 0:
+                    break
+                assert time.time() < deadline, snap
+                time.sleep(0.1)
+            assert "memtune_memory_bytes" in h.get("/metrics").text
+    finally:
+        s.stop()
+    assert not proc.process.is_alive()

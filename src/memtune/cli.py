@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGINT/SIGTERM")
     s.add_argument("--log-level", default="warning", help="uvicorn's log level")
+    s.add_argument("--engine-in-process", action="store_true",
+                   help="run the engine on a thread of the server's process (default: a process of its own)")
     s.set_defaults(fn=cmd_serve)
 
     v = sub.add_parser("env", help="versions, devices and the CPU/GPU capabilities memtune's paths depend on "

@@ -62,6 +62,35 @@ class EngineThread:
     def start(self) -> None:
         self.thread.start()
 
+    # -- what the HTTP layer reads (EngineProcess offers the same) --------------------------------------
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_len(self) -> int:
+        return self.engine.max_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.model.config.vocab_size
+
+    def adapters(self) -> dict[str, str]:
+        return {name: ad.path for name, ad in self.engine.adapters.host.items()}
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        await self.call(lambda e: e.add_adapter(name, path))
+
+    async def unload_adapter(self, name: str) -> None:
+        await self.call(lambda e: e.remove_adapter(name))
+
+    def snapshot(self) -> dict:
+        """The engine's state for /metrics (read between or during steps: figures may be one step old)."""
+        return engine_snapshot(self.engine, self.waiting())
+
     # -- called from asyncio -----------------------------------------------------------------------
     async def call(self, fn: Callable[[Engine], Any]) -> Any:
         """Run fn(engine) on the engine thread between steps; its result or exception comes back."""
@@ -205,3 +234,14 @@ class EngineThread:
 def _put_all(items: list) -> None:
     for q, ev in items:
         q.put_nowait(ev)
+
+
+def engine_snapshot(engine, waiting: int) -> dict:
+    """Queue, batch, pool pages by use, adapter cache and memory figures of an engine."""
+    kinds = engine.pool.kind.copy()
+    st = engine.adapters
+    return {"waiting": waiting, "running": len(engine.scheduler.running),
+            "pages": {use: int((kinds == code).sum()) for use, code in (("free", 0), ("kv", 1), ("adapter", 2))},
+            "resident": len(st.resident), "registered": len(st.host), "loads": st.loads, "hits": st.hits,
+            "memory": engine.memory(), "steps": getattr(engine, "steps", 0),
+            "forward_seconds": getattr(engine, "forward_seconds", 0.0)}

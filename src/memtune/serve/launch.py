@@ -11,6 +11,7 @@ an error event) and joins the engine thread.
 
 from __future__ import annotations
 
+import functools
 import signal
 import socket
 import sys
@@ -73,36 +74,55 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def serving_engine(run_dir: str | None, model: str | None, overrides: list[str], config: EngineConfig,
+                   adapters: dict[str, str], served_name: str | None) -> Engine:
+    """The engine `memtune serve` runs, with every adapter registered; `engine.served` = (base name, root).
+    Module-level, so the engine process can build it from its arguments."""
+    engine, base_name, base_root, registered = build_engine(run_dir, model, overrides, config)
+    base_name = served_name or base_name
+    for name, path in adapters.items():
+        if name == base_name:
+            raise ConfigError(f"--adapters: '{name}' is the base model's name")
+        engine.add_adapter(name, path)
+    engine.served = (base_name, base_root)
+    return engine
+
+
 def serve(ns) -> int:
     import uvicorn
 
+    from .engine_process import EngineProcess
     from .server import ServerOptions, create_app, resolve_roots
 
     config = EngineConfig(pool_mib=ns.pool_mib, page_tokens=ns.page_tokens, max_running=ns.max_running,
                           max_prefill_tokens=ns.max_batch_tokens, max_adapters=ns.max_adapters_per_batch,
                           max_resident_adapters=ns.max_resident_adapters)
+    config.check()
     adapters = parse_adapters(ns.adapters or [])
     if ns.adapter_dir:
         adapters = {**scan_adapter_dir(ns.adapter_dir), **adapters}
-    engine, base_name, base_root, registered = build_engine(ns.run_dir, ns.model, ns.overrides, config)
-    base_name = ns.served_model_name or base_name
-    for name, path in adapters.items():
-        if name == base_name:
-            raise ConfigError(f"--adapters: '{name}' is the base model's name")
-        engine.add_adapter(name, path)
-    names = sorted({**registered, **adapters})
     roots = resolve_roots(ns.adapter_root or ([ns.adapter_dir] if ns.adapter_dir else []))
     if ns.enable_adapter_loading and not roots:
         raise ConfigError("--enable-adapter-loading: give --adapter-root DIR (or --adapter-dir), the directory "
                           "run-time adapter paths must stay inside")
-    thread = EngineThread(engine, max_queue=ns.max_queue)
+    factory = functools.partial(serving_engine, ns.run_dir, ns.model, ns.overrides, config, adapters,
+                                ns.served_model_name)
+    if ns.engine_in_process:
+        engine = factory()
+        thread = EngineThread(engine, max_queue=ns.max_queue)
+        served, mem, device = engine.served, engine.memory(), engine.device
+    else:  # the default: the engine in a process of its own (engine_process.py says why)
+        thread = EngineProcess(factory, max_queue=ns.max_queue)
+        thread.start()
+        served, mem, device = thread.info["served"], thread.info["memory"], thread.info["device"]
+    base_name, base_root = served
+    names = sorted(thread.adapters())
     app = create_app(thread, ServerOptions(base_name, base_root, ns.enable_adapter_loading, roots))
     sock = bind(ns.host, ns.port)
     host, port = sock.getsockname()[:2]
-    mem = engine.memory()
     shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
     print(f"memtune serve: {base_name} ({mem['weights'] / 2**20:.1f} MiB of weights, pool {mem['pool'] / 2**20:.1f} "
-          f"MiB on {engine.device}) with {len(names)} adapter(s){': ' + shown if names else ''}", flush=True)
+          f"MiB on {device}) with {len(names)} adapter(s){': ' + shown if names else ''}", flush=True)
     print(f"listening on http://{host}:{port} (OpenAI API under /v1; Ctrl-C stops)", flush=True)
     # the stdlib event loop and h11 whatever extras are installed (uvicorn would pick uvloop / httptools when
     # present): the same server on every machine, and the faster of the two on serve_load.py (BENCHMARKS.md)

@@ -73,22 +73,19 @@ class Metrics:
             self.tpot.observe(gap)
 
     def render(self) -> bytes:
-        eng = self.thread.engine
-        pool = eng.pool
-        self.queue.set(self.thread.waiting())
-        self.running.set(len(eng.scheduler.running))
-        kinds = pool.kind.copy()
-        for use, code in (("free", 0), ("kv", 1), ("adapter", 2)):
-            self.pages.labels(use).set(int((kinds == code).sum()))
-        st = eng.adapters
-        self.resident.set(len(st.resident))
-        self.registered.set(len(st.host))
-        self.loads.set(st.loads)
-        uses = st.loads + st.hits
-        self.hit_rate.set(st.hits / uses if uses else 0.0)
-        self.steps.set(getattr(eng, "steps", 0))
-        self.forward.set(getattr(eng, "forward_seconds", 0.0))
-        for category, n in eng.memory().items():
+        snap = self.thread.snapshot()
+        self.queue.set(snap["waiting"])
+        self.running.set(snap["running"])
+        for use, n in snap["pages"].items():
+            self.pages.labels(use).set(n)
+        self.resident.set(snap["resident"])
+        self.registered.set(snap["registered"])
+        self.loads.set(snap["loads"])
+        uses = snap["loads"] + snap["hits"]
+        self.hit_rate.set(snap["hits"] / uses if uses else 0.0)
+        self.steps.set(snap["steps"])
+        self.forward.set(snap["forward_seconds"])
+        for category, n in snap["memory"].items():
             self.memory.labels(category).set(n)
         return generate_latest(self.registry)
 
@@ -99,15 +96,14 @@ def error_response(e: APIError) -> JSONResponse:
 
 
 def create_app(thread: EngineThread, opts: ServerOptions) -> FastAPI:
-    engine = thread.engine
-    tokenizer = engine.tokenizer
+    tokenizer = thread.tokenizer
     metrics = Metrics(thread)
     thread.on_finish = metrics.finished
     state = {"draining": False}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        if not thread.thread.is_alive():
+        if not thread.alive():
             thread.start()
         yield
         state["draining"] = True
@@ -122,7 +118,7 @@ def create_app(thread: EngineThread, opts: ServerOptions) -> FastAPI:
     def adapter_for(model: str) -> str | None:
         if model == opts.base_name:
             return None
-        if model in engine.adapters.host:
+        if model in thread.adapters():
             return model
         raise APIError(404, f"The model `{model}` does not exist.", "model")
 
@@ -137,7 +133,7 @@ def create_app(thread: EngineThread, opts: ServerOptions) -> FastAPI:
             return tokenizer(text, add_special_tokens=False)["input_ids"], ends
         if isinstance(parsed.prompt, str):
             return tokenizer(parsed.prompt)["input_ids"], []
-        vocab = engine.model.config.vocab_size
+        vocab = thread.vocab_size
         if max(parsed.prompt) >= vocab:
             raise bad("prompt", f"token id {max(parsed.prompt)} is outside the vocabulary (size {vocab})")
         return list(parsed.prompt), []
@@ -153,13 +149,13 @@ def create_app(thread: EngineThread, opts: ServerOptions) -> FastAPI:
     async def create(request: Request, chat: bool):
         if state["draining"]:
             raise APIError(503, "the server is shutting down")
-        parsed = parse(await read_json(request), chat, engine.max_len)
+        parsed = parse(await read_json(request), chat, thread.max_len)
         adapter = adapter_for(parsed.model)
         ids, ends = token_ids(parsed)
         total = len(ids) + parsed.params.max_tokens
-        if total > engine.max_len:
+        if total > thread.max_len:
             raise bad("max_tokens", f"the prompt ({len(ids)} tokens) + max_tokens ({parsed.params.max_tokens}) = "
-                                    f"{total} is over the model's context of {engine.max_len}")
+                                    f"{total} is over the model's context of {thread.max_len}")
         parsed.params.stop_token_ids = ends
         try:
             stream = await thread.submit(ids, adapter, parsed.params)
@@ -251,14 +247,14 @@ def create_app(thread: EngineThread, opts: ServerOptions) -> FastAPI:
         created = int(time.time())
         data = [{"id": opts.base_name, "object": "model", "created": created, "owned_by": "memtune",
                  "root": opts.base_root or opts.base_name, "parent": None}]
-        for name, ad in sorted(engine.adapters.host.items()):
+        for name, path in sorted(thread.adapters().items()):
             data.append({"id": name, "object": "model", "created": created, "owned_by": "memtune",
-                         "root": ad.path, "parent": opts.base_name})
+                         "root": path, "parent": opts.base_name})
         return {"object": "list", "data": data}
 
     @app.get("/health")
     async def health():
-        if state["draining"] or not thread.thread.is_alive():
+        if state["draining"] or not thread.alive():
             return JSONResponse({"status": "shutting down"}, status_code=503)
         return {"status": "ok"}
 
@@ -282,7 +278,7 @@ def create_app(thread: EngineThread, opts: ServerOptions) -> FastAPI:
             raise bad("lora_path", f"{path} is outside the adapter roots allowed at start-up "
                                    f"({', '.join(opts.adapter_roots) or 'none'})")
         try:
-            await thread.call(lambda e: e.add_adapter(name, real))
+            await thread.load_adapter(name, real)
         except AdapterError as e:
             raise APIError(400, str(e), "lora_path") from None
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
@@ -291,10 +287,10 @@ def create_app(thread: EngineThread, opts: ServerOptions) -> FastAPI:
     async def unload_adapter(request: Request):
         body = await admin_body(request)
         name = body.get("lora_name")
-        if not isinstance(name, str) or name not in engine.adapters.host:
+        if not isinstance(name, str) or name not in thread.adapters():
             raise APIError(404, f"The model `{name}` does not exist.", "lora_name")
         try:
-            await thread.call(lambda e: e.remove_adapter(name))
+            await thread.unload_adapter(name)
         except AdapterError as e:
             raise APIError(400, str(e), "lora_name") from None
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
