@@ -10,7 +10,8 @@ against three systems, one after another, on the same model and adapters:
 
   in-process engine    memtune.serve.Engine driven directly (serve_throughput's replay), detokenizing
                        with the same tokenizer the server uses
-  memtune serve        `python -m memtune serve --model DIR --adapters ...` in its own process; every
+  memtune serve        `python -m memtune serve --model DIR --adapters ...` in its own process (its
+                       engine in a child process of that, the default); every
                        request is an `openai.AsyncOpenAI().completions.create(..., stream=True)` sent at
                        its arrival time (prompt as token ids, temperature 0, ignore_eos, usage in the last
                        chunk), the client in this process
@@ -308,8 +309,15 @@ def steps_cells(engine: dict) -> list[str]:
 
 
 def cpu_seconds(p: psutil.Process) -> float:
-    t = p.cpu_times()
-    return t.user + t.system
+    """User + system CPU seconds of a process and its live children (the server's engine process)."""
+    total = 0.0
+    for q in [p, *p.children(recursive=True)]:
+        try:
+            t = q.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 def free_port() -> int:
@@ -368,10 +376,12 @@ def main() -> None:
         try:
             warm = TraceRequest(-1, 0, 0.0, trace[0].prompt, 4)
             asyncio.run(replay_http(url, [warm], names))  # connections, allocator, the first adapter
-            server_cpu, client_cpu = cpu_seconds(psutil.Process(proc.pid)), cpu_seconds(psutil.Process())
+            server_cpu = cpu_seconds(psutil.Process(proc.pid))
+            client_cpu = cpu_seconds(psutil.Process()) - server_cpu  # the server is this process's child
             records, t0, peak = asyncio.run(replay_http(url, trace, names))
-            cpu = {"server_cpu_s": cpu_seconds(psutil.Process(proc.pid)) - server_cpu,
-                   "client_cpu_s": cpu_seconds(psutil.Process()) - client_cpu}
+            server_now = cpu_seconds(psutil.Process(proc.pid))
+            cpu = {"server_cpu_s": server_now - server_cpu,
+                   "client_cpu_s": cpu_seconds(psutil.Process()) - server_now - client_cpu}
             before = scrape(url)
             memory = {k: v for k, v in before.items() if k not in ("steps", "forward_seconds")}
             memory.update({f"peak_{k}": v for k, v in peak.items() if k in ("kv_pages", "adapter_pages")})
