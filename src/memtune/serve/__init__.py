@@ -9,6 +9,11 @@
     batched_lora.py    the wrapped linear layer that applies them
     paged_attention.py attention over pages, registered with transformers
     sampling.py        greedy / temperature / top-k / top-p / seeds / stop strings
+    run_model.py       `memtune generate` / `memtune chat` from a run (engine or plain transformers)
+    engine_thread.py   the engine on a thread, fed from asyncio
+    engine_process.py  the engine in a child process (what `memtune serve` runs), same interface
+    openai_api.py      OpenAI request checks and response shapes
+    server.py          the FastAPI app; launch.py starts it (`memtune serve`)
 """
 
 from .adapters import AdapterError

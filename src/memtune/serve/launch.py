@@ -3,7 +3,8 @@
     memtune serve --model BASE [--adapters name=DIR ...] [--adapter-dir DIR] [key=value ...]
     memtune serve RUN_DIR [--adapters ...]       the run's base, its adapter named after the run
 
-The listening socket is bound before uvicorn starts, so the printed address is the real one (also
+The engine is built and run in a child process (engine_process.py; `--engine-in-process` keeps it on
+a thread here). The listening socket is bound before uvicorn starts, so the printed address is the real one (also
 with --port 0). uvicorn handles SIGINT / SIGTERM: it stops accepting, lets in-flight requests finish
 for --shutdown-timeout seconds, then the app's shutdown aborts whatever still runs (streams end with
 an error event) and joins the engine thread.

@@ -8,7 +8,8 @@
     POST /v1/load_lora_adapter, /v1/unload_lora_adapter   only with --enable-adapter-loading
 
 The HTTP layer holds no model state: it validates (openai_api.py), tokenizes, submits to the engine
-thread with a bounded queue (429 + Retry-After when full) and streams what comes back. A client that
+(an EngineProcess, `memtune serve`'s default, or an EngineThread: the same interface) with a bounded
+queue (429 + Retry-After when full) and streams what comes back. A client that
 disconnects, streamed or not, has its request aborted and its pages freed. Errors use OpenAI's body.
 """
 
@@ -202,7 +203,7 @@ def create_app(thread: EngineThread, opts: ServerOptions) -> FastAPI:
             return f"data: {json.dumps(obj)}\n\n"
 
         # a token's chunk is the same JSON every time but for its text: the text is the only field
-        # serialized per token (the HTTP thread shares the GIL with the engine's step)
+        # serialized per token (with an EngineThread the HTTP thread shares the GIL with the engine's step)
         head, tail = json.dumps(chunk(rid, parsed.model, chat, "\0", None)).split('"\\u0000"')
         queue = stream.events
         try:
