@@ -382,6 +382,13 @@ def test_engine_in_its_own_process_serves_the_same_text_and_frees_pages(preset_a
                 next(r.iter_lines())  # then hang up mid-stream
             r = h.post("/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": str(root / "nope")})
             assert r.status_code == 400 and "no such directory" in r.json()["error"]["message"]
+            r = h.post("/v1/load_lora_adapter", json={"lora_name": "again", "lora_path": str(root / "p1")})
+            assert r.status_code == 200 and "again" in [m["id"] for m in h.get("/v1/models").json()["data"]]
+            out = h.post("/v1/completions", json={"model": "again", "prompt": "hello", "max_tokens": 10,
+                                                  "temperature": 0}).json()
+            assert out["choices"][0]["text"] == want  # the same file under another name
+            assert h.post("/v1/unload_lora_adapter", json={"lora_name": "again"}).status_code == 200
+            assert h.post("/v1/completions", json={"model": "again", "prompt": "x"}).status_code == 404
             assert h.post("/v1/completions", json={"model": "nope", "prompt": "x"}).status_code == 404
             deadline = time.time() + 30
             while True:  # the child's snapshot (every 0.25 s) shows the aborted request's pages freed
