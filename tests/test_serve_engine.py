@@ -410,3 +410,19 @@ def test_incremental_detokenization_equals_the_full_decode(base):
         seen.append(eng._detokenize(r, i))
         assert "\ufffd" not in seen[-1] and text.startswith(seen[-1])
     assert seen[-1] == text
+
+
+def test_an_adapter_in_use_cannot_be_removed(base, adapter_dirs):
+    eng = engine(base, {"a": adapter_dirs["r2-qv"]}, max_running=1)
+    eng.add_request([1, 2, 3], "a", SamplingParams(max_tokens=3))
+    eng.add_request([1, 2, 3], "a", SamplingParams(max_tokens=3))
+    with pytest.raises(AdapterError, match="2 waiting"):
+        eng.remove_adapter("a")
+    eng.step()  # one runs (pinned), one waits
+    with pytest.raises(AdapterError, match="in use by"):
+        eng.remove_adapter("a")
+    eng.run()
+    eng.remove_adapter("a")
+    assert not eng.adapters.host and eng.pool.num_free() == eng.pool.num_pages
+    with pytest.raises(AdapterError, match="not registered"):
+        eng.remove_adapter("a")

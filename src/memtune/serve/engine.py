@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import ConfigError, ModelError
 from .adapter_cache import AdapterCache
-from .adapters import linear_shapes
+from .adapters import AdapterError, linear_shapes
 from .batched_lora import LoraContext, wrap_linears
 from .lora_kernels import Segment, StepLora
 from .paged_attention import PagedStep, register
@@ -122,6 +122,11 @@ class Engine:
         self.adapters.register(name, path, rank=rank)
 
     def remove_adapter(self, name: str) -> None:
+        waiting = sum(r.adapter == name for r in self.scheduler.waiting)
+        if waiting:
+            raise AdapterError(f"adapter '{name}' is in use by {waiting} waiting request(s)")
+        if name not in self.adapters.host:
+            raise AdapterError(f"adapter '{name}' is not registered")
         self.adapters.unregister(name)
 
     # -- requests ------------------------------------------------------------------------------------
