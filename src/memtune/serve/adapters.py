@@ -21,7 +21,6 @@ is accepted, so a bad adapter is refused with its name and the mismatch, and the
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +30,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..adapters.lora import _pattern_value
+from ..adapters.peft_format import CONFIG_FILE as CONFIG
+from ..adapters.peft_format import PREFIX, read_config
+from ..adapters.peft_format import WEIGHTS_FILE as WEIGHTS
 from ..errors import ModelError
-
-WEIGHTS = "adapter_model.safetensors"
-CONFIG = "adapter_config.json"
-PREFIX = "base_model.model."
 MAX_FILE_BYTES = 8 << 30  # a LoRA adapter larger than this is not an adapter
 
 
@@ -93,22 +91,17 @@ def _fail(name: str, path: Path, why: str) -> AdapterError:
 
 
 def read_lora_dir(name: str, path: str | Path, shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
-                  rank: int | None = None, skip_modules: set[str] = frozenset()) -> HostAdapter:
+                  rank: int | None = None) -> HostAdapter:
     """Read and check one adapter directory against the base's linear `shapes` (module -> (in, out)).
-    `rank` picks a DyLoRA adapter's serving rank (default: the file's `rank`, else r_max).
-    `skip_modules`: modules_to_save entries the caller accepts as already part of the base."""
+    `rank` picks a DyLoRA adapter's serving rank (default: the file's `rank`, else r_max)."""
     path = Path(path)
     if not path.is_dir():
         raise _fail(name, path, "no such directory")
-    cfg_file, weights = path / CONFIG, path / WEIGHTS
-    if not cfg_file.is_file():
-        raise _fail(name, path, f"no {CONFIG}")
+    weights = path / WEIGHTS
     try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise _fail(name, path, f"{CONFIG} line {e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(cfg, dict) or "peft_type" not in cfg:
-        raise _fail(name, path, f"{CONFIG}: missing field 'peft_type'")
+        cfg = read_config(path)  # PEFT's adapter_config.json, with peft_type
+    except ModelError as e:
+        raise _fail(name, path, str(e).removeprefix(f"{path}: ")) from None
     if not weights.is_file():
         pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
         if pickled:
@@ -130,7 +123,7 @@ def read_lora_dir(name: str, path: str | Path, shapes: dict[str, tuple[int, int]
             raise _fail(name, path, f"{flag} adapters are not served (only plain low-rank terms)")
     if cfg.get("bias", "none") != "none":
         raise _fail(name, path, f"bias={cfg['bias']!r}: adapters that train biases are not served")
-    saved = [m for m in (cfg.get("modules_to_save") or []) if m not in skip_modules]
+    saved = cfg.get("modules_to_save") or []
     if saved:
         raise _fail(name, path, f"modules_to_save {saved}: modules trained in full replace base weights for every "
                                 f"request, so they cannot be served as an adapter (merge the run instead)")

@@ -30,7 +30,7 @@ from ..models import PRESETS
 from ..pipeline import build_run
 from ..recipe import build_recipe
 from .engine import Engine, EngineConfig
-from .sampling import SamplingParams, stop_at
+from .sampling import SamplingParams, chat_template_prompt, stop_at
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +149,7 @@ class TextGenerator:
         when it has one; otherwise plain 'User:' / 'Assistant:' turns (stated once in the CLI)."""
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            ends = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|eot_id|>", "<|end|>")
-                    if t in tok.get_vocab()]
-            return text, ends
+            return chat_template_prompt(tok, messages)
         lines = [f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages]
         return "\n".join(lines) + "\nAssistant:", []
 

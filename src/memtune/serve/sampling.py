@@ -72,3 +72,14 @@ def held_back(text: str, stops: list[str]) -> int:
                 keep = max(keep, n)
                 break
     return keep
+
+
+TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<|end|>")  # ChatML, Llama 3, Phi-3
+
+
+def chat_template_prompt(tokenizer, messages: list[dict]) -> tuple[str, list[int]]:
+    """The tokenizer's chat template applied for the next assistant turn, and the ids of the
+    turn-ending tokens its vocabulary has (they stop generation like EOS)."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    vocab = tokenizer.get_vocab()
+    return text, [tokenizer.convert_tokens_to_ids(t) for t in TURN_ENDS if t in vocab]

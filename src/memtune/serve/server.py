@@ -32,6 +32,7 @@ from ..errors import MemtuneError
 from .adapters import AdapterError
 from .engine_thread import EngineThread, QueueFull, Stopped, Stream
 from .openai_api import APIError, bad, chunk, completion, new_id, parse, usage
+from .sampling import chat_template_prompt
 
 
 @dataclass
@@ -128,9 +129,7 @@ def create_app(thread: EngineThread, opts: ServerOptions) -> FastAPI:
         if parsed.messages is not None:
             if not getattr(tokenizer, "chat_template", None):
                 raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages")
-            text = tokenizer.apply_chat_template(parsed.messages, add_generation_prompt=True, tokenize=False)
-            ends = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|eot_id|>", "<|end|>")
-                    if t in tokenizer.get_vocab()]
+            text, ends = chat_template_prompt(tokenizer, parsed.messages)
             return tokenizer(text, add_special_tokens=False)["input_ids"], ends
         if isinstance(parsed.prompt, str):
             return tokenizer(parsed.prompt)["input_ids"], []
