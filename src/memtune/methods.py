@@ -6,6 +6,7 @@ from . import recipe as _recipe
 from .adapters import ADAPTERS
 from .attention import AttentionConfig
 from .classifier_init import ClassifierInitConfig
+from .distributed.config import DistributedConfig
 from .errors import ConfigError
 from .gradient import OPTIMIZERS
 from .gradient.tokentune import TokenTuneConfig
@@ -19,7 +20,7 @@ _recipe.POLYMORPHIC.update({
 })
 _recipe.OPTIONAL.update({"tokentune": TokenTuneConfig, "prompt": PromptConfig,
                          "classifier_init": ClassifierInitConfig})
-_recipe.OPTIONAL.update({"attention": AttentionConfig})
+_recipe.OPTIONAL.update({"attention": AttentionConfig, "distributed": DistributedConfig})
 
 
 def apply_axis_defaults(raw: dict) -> None:
@@ -120,6 +121,18 @@ def check_combination(r: "_recipe.Recipe") -> None:
             raise ConfigError("classifier_init with prompt: a prompt classifies through the LM head and its "
                               "label words, so there is no classification head to initialize. Use one of them")
     _check_attention(r)
+    strategy = getattr(r.distributed, "strategy", "auto")
+    if strategy not in ("auto", "none"):
+        check_strategy(r, strategy)
+
+
+def check_strategy(r: "_recipe.Recipe", strategy: str) -> None:
+    """The recipe under the distributed strategy a run resolved (explicit, or what a launcher asked for)."""
+    adapter_cls = ADAPTERS.get(r.adapter.kind)
+    if strategy == "fsdp" and adapter_cls.needs_gradients:
+        raise ConfigError(f"adapter.kind={r.adapter.kind} with distributed.strategy=fsdp: the adapter reads "
+                          f"whole gradients of its parameters to rank them globally, and FSDP gives each rank a "
+                          f"shard of them; use distributed.strategy=ddp")
 
 
 def _check_attention(r: "_recipe.Recipe") -> None:

@@ -44,6 +44,7 @@ class Run:
     device: torch.device
     tokentune: object | None = None  # memtune.gradient.tokentune.TokenTune when the recipe asks for it
     classifier_init: dict | None = None  # what memtune.classifier_init did to the head (training runs)
+    parallel: object | None = None  # memtune.distributed.parallel.Parallel, when the trainer set one
 
     @property
     def train_task(self) -> Task:
@@ -79,20 +80,37 @@ class Run:
         for i in range(0, len(data), batch_size):
             yield to_device(collate(data.examples[i:i + batch_size], pad), self.device)
 
+    def shared_batches(self, data: TokenizedData, batch_size: int):
+        """(batch, counted) pairs of this rank's share: each run of W x batch_size examples split over
+        the W ranks. A rank left without examples at the end runs an uncounted forward of one example,
+        so every rank runs the same number of forwards (FSDP gathers parameters in each)."""
+        from .data import collate
+
+        world, pad = self.parallel.world, self.tokenizer.pad_token_id
+        step = batch_size * world.size
+        for start in range(0, len(data), step):
+            mine = world.share(range(start, min(start + step, len(data))))
+            picked = [data.examples[i] for i in mine] or [data.examples[start]]
+            yield to_device(collate(picked, pad), self.device), bool(len(mine))
+
     def evaluate(self, data: TokenizedData) -> dict:
         bs = self.recipe.train.eval_batch_size or self.recipe.train.batch_size
-        return self.task.evaluate(self.model, self.batches(data, bs), self.forward_ctx())
+        if self.parallel is None or not self.parallel.world.distributed:
+            return self.task.evaluate(self.model, ((b, True) for b in self.batches(data, bs)), self.forward_ctx())
+        return self.parallel.task(self.task).evaluate(self.model, self.shared_batches(data, bs), self.forward_ctx())
 
 
 def pick_device(spec: str) -> torch.device:
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(spec)
     except RuntimeError:
         raise ConfigError(f"train.device: '{spec}' is not a device (expected auto, cpu, cuda or cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device: '{spec}' requested but CUDA is not available")
+    if dev.type == "cuda" and dev.index is None:  # the current GPU (a distributed rank's LOCAL_RANK)
+        dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 

@@ -129,6 +129,7 @@ class Recipe:
     prompt: Any = None  # classification through an LM head: template + label words (memtune.prompting)
     classifier_init: Any = None  # classification head from class centroids (memtune.classifier_init)
     attention: Any = None  # attention axis: dense | s2 (LongLoRA's shifted sparse attention; memtune.attention)
+    distributed: Any = None  # over several processes: ddp | fsdp (memtune.distributed); ranks come from the launcher
     output_dir: str = "runs/latest"
 
     def to_dict(self) -> dict[str, Any]:

@@ -73,20 +73,31 @@ class Task(ABC):
         """Non-padding input tokens (the throughput unit)."""
         return int(batch["attention_mask"].sum())
 
+    # names of the extra statistics `loss_sum` returns (summed over batches, and over ranks)
+    eval_stats: tuple[str, ...] = ()
+
+    def evaluate(self, model: nn.Module, batches: Iterable, forward_ctx) -> dict:
+        """`batches`: (batch, counted) pairs; a rank's uncounted forwards only keep ranks in step
+        (memtune.distributed), one process counts every batch."""
+        return self.finish_eval(*self.eval_sums(model, batches, forward_ctx))
+
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, batches: Iterable[dict], forward_ctx) -> dict:
+    def eval_sums(self, model: nn.Module, batches: Iterable, forward_ctx) -> tuple[float, int, dict]:
+        """(summed loss, targets, summed statistics) over the counted batches."""
         was_training = model.training
         model.eval()
-        total, count, stats = 0.0, 0, {}
-        for batch in batches:
+        total, count, stats = 0.0, 0, dict.fromkeys(self.eval_stats, 0)
+        for batch, counted in batches:
             with forward_ctx():
                 s, extra = self.loss_sum(model, batch)
+            if not counted:
+                continue
             total += float(s)
             count += self.count(batch)
             for k, v in extra.items():
                 stats[k] = stats.get(k, 0) + v
         model.train(was_training)
-        return self.finish_eval(total, count, stats)
+        return total, count, stats
 
     def finish_eval(self, total: float, count: int, stats: dict) -> dict:
         return {"loss": total / max(count, 1), "targets": count}
@@ -137,6 +148,7 @@ class CausalLMTask(Task):
 
 class ClassificationTask(Task):
     name = "classification"
+    eval_stats = ("correct",)
 
     def count(self, batch: dict) -> int:
         return int(batch["label"].numel())

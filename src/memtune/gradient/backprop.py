@@ -12,6 +12,7 @@ Weight decay skips biases and norm weights (tensors with fewer than 2 dimensions
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -19,28 +20,40 @@ import torch
 
 from ..errors import ConfigError
 from ..recipe import OptimizerConfig
-from .base import OPTIMIZERS, StepStats, UpdateRule, schedule_factor
+from .base import OPTIMIZERS, StepStats, StepTotals, UpdateRule, schedule_factor
 
 log = logging.getLogger(__name__)
 
 
-def accumulate_gradients(model, task, micro_batches: list[dict], forward_ctx, adapter=None) -> tuple[float, int]:
+def accumulate_gradients(model, task, micro_batches: list[dict], forward_ctx, adapter=None, parallel=None,
+                         totals: StepTotals | None = None) -> tuple[float, int]:
     """Backward over all micro-batches with the loss normalized by N, the step's total targets.
 
     Returns (summed loss, N); p.grad then holds d(sum of losses / N + R)/dp, where R is the
     adapter's regularizer (added once per step: R / m to each of the m micro-batches).
+
+    Over W data-parallel ranks (`parallel`, `totals`) N counts every rank's targets and each rank's
+    loss sum is scaled by W, since DDP and FSDP average gradients over the ranks:
+    (1/W) sum_r W l_r / N = sum_r l_r / N, the one-process gradient of the same global batch. The
+    gradients are reduced once, in the last micro-batch's backward (`parallel.sync`), and the
+    returned loss is summed over the ranks.
     """
-    n = sum(task.count(b) for b in micro_batches)
+    n = totals.targets if totals is not None else sum(task.count(b) for b in micro_batches)
+    scale = parallel.loss_scale if parallel is not None else 1
     total = 0.0
-    for batch in micro_batches:
-        with forward_ctx():
-            loss_sum, _ = task.loss_sum(model, batch)
-        loss = loss_sum / max(n, 1)
-        reg = adapter.regularizer(model) if adapter is not None else None
-        if reg is not None:
-            loss = loss + reg / len(micro_batches)
-        loss.backward()
+    for i, batch in enumerate(micro_batches):
+        sync = parallel.sync(last=i == len(micro_batches) - 1) if parallel is not None else contextlib.nullcontext()
+        with sync:
+            with forward_ctx():
+                loss_sum, _ = task.loss_sum(model, batch)
+            loss = loss_sum * (scale / max(n, 1))
+            reg = adapter.regularizer(model) if adapter is not None else None
+            if reg is not None:
+                loss = loss + reg / len(micro_batches)
+            loss.backward()
         total += float(loss_sum.detach())
+    if parallel is not None and parallel.world.distributed:
+        total = parallel.world.all_sum([total])[0]
     return total, n
 
 
@@ -95,16 +108,19 @@ class Backprop(UpdateRule):
     def lr(self) -> float:
         return self._opt.param_groups[0]["lr"]
 
-    def step(self, micro_batches: list[dict]) -> StepStats:
-        total, n = accumulate_gradients(self.model, self.task, micro_batches, self.forward_ctx, self.adapter)
+    def step(self, micro_batches: list[dict], totals: StepTotals | None = None) -> StepStats:
+        total, n = accumulate_gradients(self.model, self.task, micro_batches, self.forward_ctx, self.adapter,
+                                        self.parallel, totals)
         max_norm = self.train_cfg.max_grad_norm
+        # FSDP: the norm of sharded gradients is a DTensor; full_tensor() sums the ranks' squares
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         self._opt.step()
         if self.adapter is not None:
             self.adapter.after_update(self.model, self.scheduler.last_epoch, self.total_steps)
         self.scheduler.step()
         self._opt.zero_grad(set_to_none=True)
-        tokens = sum(self.task.tokens(b) for b in micro_batches)
+        tokens = totals.tokens if totals is not None else sum(self.task.tokens(b) for b in micro_batches)
         return StepStats(loss=total / max(n, 1), targets=n, tokens=tokens, grad_norm=float(norm))
 
     def state_dict(self) -> dict:

@@ -30,11 +30,25 @@ class StepStats:
     projected_grad: float | None = None  # zeroth-order rules: mean (l+ - l-) / (2 eps) of the step
 
 
+@dataclass
+class StepTotals:
+    """The whole step over every rank, when the micro-batches a rule gets are one rank's part
+    (memtune.distributed): losses are normalized by `targets`, throughput counts `tokens`."""
+
+    targets: int
+    tokens: int
+
+
 class UpdateRule(ABC):
     uses_backprop = True  # False for forward-only (zeroth-order) rules
+    optimizer_key = "optimizer"  # the key of state_dict() that holds `optimizer.state_dict()`
 
     def __init__(self, config: OptimizerConfig, model: nn.Module, task: Task, train: TrainConfig,
-                 total_steps: int, forward_ctx: Callable[[], ContextManager], adapter=None) -> None:
+                 total_steps: int, forward_ctx: Callable[[], ContextManager], adapter=None, parallel=None) -> None:
+        from ..distributed.parallel import single_process
+
+        # how the model is spread over ranks (memtune.distributed.parallel); one process by default
+        self.parallel = parallel if parallel is not None else single_process()
         self.config = config
         # the run's AdapterMethod: backprop rules add its regularizer(); every rule calls after_update()
         self.adapter = adapter
@@ -46,9 +60,14 @@ class UpdateRule(ABC):
         self.total_steps = total_steps
         self.forward_ctx = forward_ctx
 
+    @property
+    def world(self):
+        return self.parallel.world
+
     @abstractmethod
-    def step(self, micro_batches: list[dict]) -> StepStats:
-        """One optimizer step over the given micro-batches."""
+    def step(self, micro_batches: list[dict], totals: StepTotals | None = None) -> StepStats:
+        """One optimizer step over the given micro-batches (`totals`: the step over every rank;
+        None: the micro-batches are the whole step)."""
 
     @abstractmethod
     def state_dict(self) -> dict: ...

@@ -72,22 +72,10 @@ from torch import nn
 from ..errors import ConfigError
 from ..recipe import OptimizerConfig
 from ..tasks import model_inputs
-from .base import OPTIMIZERS, StepStats, UpdateRule, schedule_factor
+from ..seeds import mix
+from .base import OPTIMIZERS, StepStats, StepTotals, UpdateRule, schedule_factor
 
 TRAJECTORY = "trajectory.safetensors"
-_MASK64 = (1 << 64) - 1
-
-
-def mix(*xs: int) -> int:
-    """A 63-bit seed from integers (splitmix64 finalizer over a running combination)."""
-    h = 0x9E3779B97F4A7C15
-    for x in xs:
-        h = (h ^ (x & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
-        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK64
-        h ^= h >> 29
-    return h >> 1
-
-
 @dataclass
 class MezoConfig(OptimizerConfig):
     kind: str = "mezo"
@@ -136,18 +124,51 @@ class MezoConfig(OptimizerConfig):
 # z: regenerated per (seed, tensor), in slices
 
 
+def local_part(p: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(this process's elements of p as a flat view, their offset in the whole flattened p).
+
+    A plain tensor is all of itself. An FSDP2 shard (a DTensor placed Shard(0) on a 1-D mesh) holds
+    rows [r c, r c + c) of the whole, c = ceil(D0 / W), as torch.chunk splits them (fewer, or none,
+    on the last ranks)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(p, DTensor):
+        return p.view(-1), 0
+    if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+        raise ConfigError(f"optimizer.kind=mezo: a parameter is placed {p.placements} on a {p.device_mesh.ndim}-D "
+                          f"mesh; MeZO perturbs FSDP shards split on dimension 0 of a 1-D mesh only")
+    local = p.to_local()
+    rows = p.shape[0]
+    per = -(-rows // p.device_mesh.size())
+    first = min(p.device_mesh.get_local_rank() * per, rows)
+    if local.shape[0] != max(0, min(per, rows - first)):
+        raise ConfigError(f"optimizer.kind=mezo: a shard of a {tuple(p.shape)} parameter has {local.shape[0]} rows, "
+                          f"not torch.chunk's {max(0, min(per, rows - first))}")
+    return local.view(-1), first * (p.numel() // max(rows, 1))
+
+
 def z_slices(p: torch.Tensor, seed: int, index: int, chunk: int) -> Iterator[tuple[slice, torch.Tensor]]:
-    """(slice of p.view(-1), z for it) for tensor number `index` under step seed `seed`."""
-    g = torch.Generator(device=p.device)
+    """(slice of local_part(p)'s flat view, z for it) for tensor number `index` under step seed `seed`.
+
+    z is drawn from the whole tensor's start in slices of `chunk`, so an FSDP shard gets exactly the
+    one-process z of its rows (the slices before it are drawn and dropped, the ones after never drawn)."""
+    flat, start = local_part(p)
+    stop = start + flat.numel()
+    if stop == start:
+        return
+    g = torch.Generator(device=flat.device)
     g.manual_seed(mix(seed, index))
     n = p.numel()
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        yield slice(start, stop), torch.randn(stop - start, generator=g, device=p.device, dtype=p.dtype)
+    for c0 in range(0, stop, chunk):
+        c1 = min(c0 + chunk, n)
+        z = torch.randn(c1 - c0, generator=g, device=flat.device, dtype=flat.dtype)
+        lo, hi = max(c0, start), min(c1, stop)
+        if lo < hi:
+            yield slice(lo - start, hi - start), (z if (lo, hi) == (c0, c1) else z[lo - c0:hi - c0])
 
 
 def full_z(p: torch.Tensor, seed: int, index: int, chunk: int) -> torch.Tensor:
-    """The whole z of one tensor (tests and diagnostics only)."""
+    """The whole z of one (unsharded) tensor (tests and diagnostics only)."""
     return torch.cat([z for _, z in z_slices(p, seed, index, chunk)]).view_as(p)
 
 
@@ -161,37 +182,57 @@ def _class_scores(task, model: nn.Module, batch: dict) -> torch.Tensor:
     return model(**model_inputs(batch)).logits
 
 
+def class_counts(pred: torch.Tensor, gold: torch.Tensor, num_classes: int) -> list[float]:
+    """[tp, fp, fn] of each class in turn, flattened (3 C floats)."""
+    out = []
+    for c in range(num_classes):
+        out += [float(((pred == c) & (gold == c)).sum()), float(((pred == c) & (gold != c)).sum()),
+                float(((pred != c) & (gold == c)).sum())]
+    return out
+
+
 def macro_f1(pred: torch.Tensor, gold: torch.Tensor, num_classes: int) -> float:
     """Mean over classes present in gold or pred of 2TP / (2TP + FP + FN)."""
-    f1s = []
-    for c in range(num_classes):
-        tp = int(((pred == c) & (gold == c)).sum())
-        fp = int(((pred == c) & (gold != c)).sum())
-        fn = int(((pred != c) & (gold == c)).sum())
-        if tp + fp + fn:
-            f1s.append(2 * tp / (2 * tp + fp + fn))
-    return sum(f1s) / max(len(f1s), 1)
+    return -_f1_from_counts(class_counts(pred, gold, num_classes), 0)
 
 
-def make_objective(name: str, task) -> Callable[[nn.Module, dict], float]:
-    """(model, batch) -> scalar to minimize, as a Python float."""
+@dataclass
+class Objective:
+    """The value a step minimizes, in two parts so it can be summed over data-parallel ranks:
+    `sums(model, batch)` -> sums over the batch's examples (a few floats), and
+    `value(sums, targets)` -> the objective of the whole step from the sums over every rank and the
+    step's target count. `summable` is False for a user function, defined on one batch only."""
+
+    sums: Callable[[nn.Module, dict], list[float]]
+    value: Callable[[list[float], int], float]
+    summable: bool = True
+
+
+def _f1_from_counts(counts: list[float], targets: int) -> float:
+    """-(macro-F1) from per-class [tp, fp, fn] counts (classes present in gold or pred)."""
+    f1s = [2 * tp / (2 * tp + fp + fn) for tp, fp, fn in zip(counts[0::3], counts[1::3], counts[2::3])
+           if tp + fp + fn]
+    return -sum(f1s) / max(len(f1s), 1)
+
+
+def make_objective(name: str, task) -> Objective:
     classification = task.name != "causal-lm"
     if name == "ce":
-        def ce(model, batch):
-            loss, _ = task.loss_sum(model, batch)
-            return float(loss) / max(task.count(batch), 1)
-        return ce
+        return Objective(lambda model, batch: [float(task.loss_sum(model, batch)[0])],
+                         lambda s, n: s[0] / max(n, 1))
     if name in ("accuracy", "f1"):
         if not classification:
             raise ConfigError(f"optimizer.objective={name}: needs a classification task, got task={task.name}")
 
-        def metric(model, batch):
+        def counts(model, batch):
             scores = _class_scores(task, model, batch)  # (B, C)
             pred, gold = scores.argmax(-1), batch["label"]
             if name == "accuracy":
-                return -float((pred == gold).float().mean())
-            return -macro_f1(pred, gold, scores.shape[-1])
-        return metric
+                return [float((pred == gold).sum())]
+            return class_counts(pred, gold, scores.shape[-1])
+        if name == "accuracy":
+            return Objective(counts, lambda s, n: -s[0] / max(n, 1))
+        return Objective(counts, _f1_from_counts)
     module_name, _, fn_name = name.partition(":")
     try:
         fn = getattr(importlib.import_module(module_name), fn_name)
@@ -207,8 +248,8 @@ def make_objective(name: str, task) -> Callable[[nn.Module, dict], float]:
             outputs = SimpleNamespace(logits=task.scores(model, batch))
         else:
             outputs = model(**model_inputs(batch))
-        return float(fn(outputs, batch))
-    return custom
+        return [float(fn(outputs, batch))]
+    return Objective(custom, lambda s, n: s[0], summable=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,6 +269,7 @@ class _DenseState(torch.optim.Optimizer):
 @OPTIMIZERS.register("mezo", MezoConfig)
 class Mezo(UpdateRule):
     uses_backprop = False
+    optimizer_key = "dense"
     config: MezoConfig
 
     def __init__(self, *args, **kwargs) -> None:
@@ -239,6 +281,12 @@ class Mezo(UpdateRule):
         self.params = [p for _, p in self.named]
         self.seed = self.train_cfg.seed if c.seed is None else c.seed
         self.objective = make_objective(c.objective, self.task)
+        if self.world.distributed and not self.objective.summable:
+            raise ConfigError(f"optimizer.objective={c.objective}: a user function is defined on one batch, and "
+                              f"this run splits each batch over {self.world.size} ranks; use ce, accuracy or f1 "
+                              f"(sums over examples, added up over the ranks)")
+        # FSDP's gathered parameters cannot be inference tensors (they are written again next forward)
+        self._no_grad = torch.no_grad if self.parallel.sharded else torch.inference_mode
         self.factor = schedule_factor(self.train_cfg.schedule, self.train_cfg.warmup_steps, self.total_steps)
         self.t = 0  # steps taken
         self.history: list[tuple[int, list[float]]] = []  # (step, g per seed), newest last
@@ -248,7 +296,7 @@ class Mezo(UpdateRule):
             self._dense = _DenseState(self.params)
             for p in self.params:
                 st = self._dense.state[p]
-                st["exp_avg"] = torch.zeros_like(p)
+                st["exp_avg"] = torch.zeros_like(p)  # shaped (and sharded) like p
                 if c.variant == "adam":
                     st["exp_avg_sq"] = torch.zeros_like(p)
 
@@ -266,16 +314,21 @@ class Mezo(UpdateRule):
     # -- perturbation ------------------------------------------------------------------------------
     @torch.no_grad()
     def perturb(self, seed: int, scale: float) -> None:
-        """theta <- theta + scale * eps * z(seed), one slice at a time."""
+        """theta <- theta + scale * eps * z(seed), one slice at a time (this rank's shard under FSDP)."""
         a = scale * self.config.eps
         for k, p in enumerate(self.params):
-            flat = p.view(-1)
+            flat, _ = local_part(p)
             for sl, z in z_slices(p, seed, k, self.config.chunk):
                 flat[sl].add_(z, alpha=a)
 
+    def sums(self, batch: dict) -> list[float]:
+        """The objective's sums over this rank's batch, at the current theta."""
+        with self._no_grad(), self.forward_ctx():
+            return self.objective.sums(self.model, batch)
+
     def loss(self, batch: dict) -> float:
-        with torch.inference_mode(), self.forward_ctx():
-            return self.objective(self.model, batch)
+        """The objective on `batch` alone."""
+        return self.objective.value(self.sums(batch), self.task.count(batch))
 
     @property
     def fused(self) -> bool:
@@ -283,16 +336,23 @@ class Mezo(UpdateRule):
         c = self.config
         return c.fuse_update and c.variant == "sgd" and (c.samples == 1 or not c.weight_decay)
 
-    def estimate(self, batch: dict, seed: int, restore: bool = True) -> tuple[float, float]:
+    def estimate(self, batch: dict, seed: int, restore: bool = True, targets: int | None = None) -> tuple[float, float]:
         """(projected gradient g, l+) along z(seed); theta is restored afterwards, or left at
-        theta - eps z with `restore=False` (the fused update restores it)."""
+        theta - eps z with `restore=False` (the fused update restores it). Across ranks, each rank's
+        sums at theta + eps z and theta - eps z go in one all-reduce (ce: 2 float32, 8 bytes);
+        `targets`: the step's target count over every rank."""
         eps = self.config.eps
         self.perturb(seed, +1.0)
-        l_plus = self.loss(batch)
+        s_plus = self.sums(batch)
         self.perturb(seed, -2.0)
-        l_minus = self.loss(batch)
+        s_minus = self.sums(batch)
         if restore:
             self.perturb(seed, +1.0)
+        if self.world.distributed:
+            both = self.world.all_sum(s_plus + s_minus, dtype=torch.float32)
+            s_plus, s_minus = both[:len(s_plus)], both[len(s_plus):]
+        n = self.task.count(batch) if targets is None else targets
+        l_plus, l_minus = self.objective.value(s_plus, n), self.objective.value(s_minus, n)
         g = (l_plus - l_minus) / (2 * eps)
         # rounded to float32 so a saved trajectory (float32) replays bit-for-bit
         return float(torch.tensor(g, dtype=torch.float32)), l_plus
@@ -311,46 +371,48 @@ class Mezo(UpdateRule):
                 restore = self.fused and j == n - 1
                 for k, p in enumerate(self.params):
                     decay = lr / n * c.weight_decay if c.weight_decay and p.ndim >= 2 else 0.0
+                    flat, _ = local_part(p)
                     if decay:
-                        p.mul_(1 - decay)
+                        flat.mul_(1 - decay)
                     alpha = -lr / n * g + (c.eps * (1 - decay) if restore else 0.0)
-                    flat = p.view(-1)
                     for sl, z in z_slices(p, seed, k, c.chunk):
                         flat[sl].add_(z, alpha=alpha)
             return
         self.history.append((step, list(gs)))
         del self.history[:-c.window()]
         for k, p in enumerate(self.params):
-            m, v = self._moments(k, p, step, gs)
+            m, v = self._moments(k, p, step, gs)  # flat, this rank's elements
             direction = m if v is None else m / (v.sqrt() + c.adam_eps)
+            flat, _ = local_part(p)
             if c.weight_decay and p.ndim >= 2:
-                p.mul_(1 - lr * c.weight_decay)
-            p.add_(direction, alpha=-lr)
+                flat.mul_(1 - lr * c.weight_decay)
+            flat.add_(direction, alpha=-lr)
 
     def _ghat(self, k: int, p: torch.Tensor, step: int, gs: list[float]) -> torch.Tensor:
-        """(1/n) sum_j g_j z_j for tensor k at step `step`."""
-        out = torch.zeros_like(p)
-        flat = out.view(-1)
+        """(1/n) sum_j g_j z_j for tensor k at step `step`, flat (this rank's elements)."""
+        out = torch.zeros_like(local_part(p)[0])
         for j, g in enumerate(gs):
             for sl, z in z_slices(p, self.step_seed(step, j), k, self.config.chunk):
-                flat[sl].add_(z, alpha=g / len(gs))
+                out[sl].add_(z, alpha=g / len(gs))
         return out
 
     def _moments(self, k: int, p: torch.Tensor, step: int, gs: list[float]):
-        """Bias-corrected m (and v for adam) of tensor k after step `step`."""
+        """Bias-corrected m (and v for adam) of tensor k after step `step`, flat (this rank's elements)."""
         c = self.config
         adam = c.variant == "adam"
         t = step + 1  # steps folded in so far
         if self._dense is not None:
             st = self._dense.state[p]
             gh = self._ghat(k, p, step, gs)
-            st["exp_avg"].mul_(c.beta1).add_(gh, alpha=1 - c.beta1)
+            m = local_part(st["exp_avg"])[0]
+            m.mul_(c.beta1).add_(gh, alpha=1 - c.beta1)
             if not adam:
-                return st["exp_avg"], None
-            st["exp_avg_sq"].mul_(c.beta2).addcmul_(gh, gh, value=1 - c.beta2)
-            return st["exp_avg"] / (1 - c.beta1 ** t), st["exp_avg_sq"] / (1 - c.beta2 ** t)
-        m = torch.zeros_like(p)
-        v = torch.zeros_like(p) if adam else None
+                return m, None
+            v = local_part(st["exp_avg_sq"])[0]
+            v.mul_(c.beta2).addcmul_(gh, gh, value=1 - c.beta2)
+            return m / (1 - c.beta1 ** t), v / (1 - c.beta2 ** t)
+        m = torch.zeros_like(local_part(p)[0])
+        v = torch.zeros_like(m) if adam else None
         for s, g_s in self.history:  # sum over the window, one z regeneration per stored seed
             gh = self._ghat(k, p, s, g_s)
             age = step - s
@@ -363,7 +425,7 @@ class Mezo(UpdateRule):
         return m / (1 - c.beta1 ** span), v / (1 - c.beta2 ** span)
 
     # -- the step ----------------------------------------------------------------------------------
-    def step(self, micro_batches: list[dict]) -> StepStats:
+    def step(self, micro_batches: list[dict], totals: StepTotals | None = None) -> StepStats:
         if len(micro_batches) != 1:
             raise ConfigError("optimizer.kind=mezo: one micro-batch per step (train.grad_accum must be 1)")
         batch = micro_batches[0]
@@ -373,7 +435,8 @@ class Mezo(UpdateRule):
             gs, losses = [], []
             n = self.config.samples
             for j in range(n):
-                g, l_plus = self.estimate(batch, self.step_seed(self.t, j), restore=not (self.fused and j == n - 1))
+                g, l_plus = self.estimate(batch, self.step_seed(self.t, j), restore=not (self.fused and j == n - 1),
+                                          targets=totals.targets if totals is not None else None)
                 gs.append(g)
                 losses.append(l_plus)
             self.apply(self.t, gs, self.lr)
@@ -383,8 +446,10 @@ class Mezo(UpdateRule):
             self.model.train(was_training)
         self.grads.append(gs)
         self.t += 1
-        return StepStats(loss=sum(losses) / len(losses), targets=self.task.count(batch),
-                         tokens=self.task.tokens(batch), projected_grad=sum(gs) / len(gs))
+        targets, tokens = (totals.targets, totals.tokens) if totals is not None else (
+            self.task.count(batch), self.task.tokens(batch))
+        return StepStats(loss=sum(losses) / len(losses), targets=targets, tokens=tokens,
+                         projected_grad=sum(gs) / len(gs))
 
     # -- state, trajectory -------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -44,6 +44,7 @@ from ..errors import ConfigError
 from ..tasks import Task
 
 ATTN_NAME = "memtune_tokentune"
+SAMPLE_SEED = "sample_seed"  # batch key: (B,) int64 per-example seeds, set by the trainer
 
 
 @dataclass
@@ -69,18 +70,26 @@ class TokenTuneConfig:
 
 
 def select_tokens(attention_mask: torch.Tensor, select: float, always_first: bool, always_last: bool,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None, seeds: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T) bool mask of selected positions; padding is never selected.
 
     Per example with L real tokens: n = min(L, k) for a count k, max(1, floor(p * L)) for a
     fraction p; the always-selected tokens count towards n; the rest are drawn uniformly without
-    replacement from the remaining real positions.
+    replacement from the remaining real positions. `seeds` (B,): each example's draw from its own
+    generator (the trainer's per-example `sample_seed`), so an example's selection does not depend on
+    the batch, padding or rank it is in; otherwise one (B, T) draw from `generator`.
     """
     valid = attention_mask.bool()
     lengths = valid.sum(1)  # (B,)
     B, T = valid.shape
     sel = torch.zeros(B, T, dtype=torch.bool, device=valid.device)
-    scores = torch.rand(B, T, generator=generator, device="cpu").to(valid.device)
+    if seeds is not None:
+        scores = torch.zeros(B, T)
+        for b, L in enumerate(lengths.tolist()):
+            scores[b, :L] = torch.rand(L, generator=torch.Generator().manual_seed(int(seeds[b])))
+        scores = scores.to(valid.device)
+    else:
+        scores = torch.rand(B, T, generator=generator, device="cpu").to(valid.device)
     for b in range(B):
         L = int(lengths[b])
         if L == 0:
@@ -375,7 +384,7 @@ class TokenTune:
 
     def select(self, batch: dict) -> torch.Tensor:
         return select_tokens(batch["attention_mask"], self.config.select, self.config.always_first,
-                             self.always_last)
+                             self.always_last, seeds=batch.get(SAMPLE_SEED))
 
     def prepare(self, batch: dict, sel: torch.Tensor | None = None) -> tuple[dict, Layout]:
         new_batch, layout = permute_batch(batch, self.select(batch) if sel is None else sel, self.causal, self.pad_id)
@@ -406,6 +415,7 @@ class TokenTuneTask(Task):
     def __init__(self, task: Task, tt: TokenTune) -> None:
         self.task, self.tt = task, tt
         self.name = task.name
+        self.eval_stats = task.eval_stats
 
     def _prepared(self, batch: dict) -> tuple[dict, Layout] | None:
         if not self.tt.model.training:

@@ -92,7 +92,8 @@ def _storages(t: torch.Tensor) -> list[torch.UntypedStorage]:
     """The storages that hold ``t``'s data; wrapper subclasses are unwrapped to their inner tensors."""
     if is_traceable_wrapper_subclass(t):
         inner, _ = t.__tensor_flatten__()
-        return [st for name in inner for st in _storages(getattr(t, name))]
+        # DTensor (FSDP shards) names its device mesh among its inner tensors too: tensors only
+        return [st for name in inner if isinstance(x := getattr(t, name), torch.Tensor) for st in _storages(x)]
     try:
         st = t.untyped_storage()
     except (RuntimeError, NotImplementedError):  # sparse, nested or functorch-batched: no plain storage
