@@ -19,7 +19,7 @@ from torch import nn
 
 from ..recipe import StorageConfig
 from ..registry import Registry
-from .bnb_layout import set_cpu_layout
+from .bnb_layout import keep_quant_state_on_module, set_cpu_layout
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -50,6 +50,7 @@ class BaseStorage(ABC):
         """Called once the run's model is assembled, before it computes anything. Any bitsandbytes
         4-bit layer (e.g. of a folder saved 4-bit) keeps its canonical layout (see bnb_layout.py)."""
         set_cpu_layout(model, packed=False)
+        keep_quant_state_on_module(model)
 
     def describe(self) -> dict:
         return {}

@@ -74,3 +74,15 @@ def check_canonical(model: nn.Module, doing: str) -> None:
         raise MemtuneError(f"{doing}: 4-bit layer '{packed[0]}' (and {len(packed) - 1} more) holds bitsandbytes' "
                            f"packed CPU inference layout, whose absmax constants were rounded to bf16; its codes "
                            f"are no longer quantize_4bit's. Rebuild the model with quantize.cpu_kernel=canonical")
+
+
+def keep_quant_state_on_module(model: nn.Module) -> None:
+    """Give every 4-bit layer its weight's `quant_state` on the layer itself as well. bitsandbytes'
+    `Linear4bit.forward` restores a weight's quant_state from its module when the weight tensor was
+    replaced; FSDP2 replaces it by the gathered shards on every forward (a Params4bit made without
+    `module=` would then fail with "quant_state is required")."""
+    for _, layer in linear4bit_layers(model):
+        if getattr(layer, "quant_state", None) is None and getattr(layer.weight, "quant_state", None) is not None:
+            layer.quant_state = layer.weight.quant_state
+        if getattr(layer.weight, "module", None) is None:
+            layer.weight.module = layer

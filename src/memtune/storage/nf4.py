@@ -39,7 +39,7 @@ from ..errors import ConfigError
 from ..models import head_modules, is_linear, out_in_weight
 from ..recipe import StorageConfig
 from . import DTYPES, STORAGE, BaseStorage
-from .bnb_layout import check_canonical, is_4bit, set_cpu_layout
+from .bnb_layout import check_canonical, is_4bit, keep_quant_state_on_module, set_cpu_layout
 
 BLOCKSIZE = 64
 
@@ -110,6 +110,7 @@ class NF4Storage(BaseStorage):
                               "(it cannot backpropagate, and its bf16 constants are not the stored codes'); "
                               "train with quantize.cpu_kernel=canonical and pass packed to memtune eval")
         set_cpu_layout(model, packed=self.config.cpu_kernel == "packed")
+        keep_quant_state_on_module(model)
 
     def dequantize(self, model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
         """Replace every Linear4bit by an nn.Linear holding its exact dequantized weight (for merging)."""
