@@ -30,6 +30,8 @@ def cmd_train(ns) -> int:
 
     target, overrides = _split_target(ns.args)
     summary = train(load_recipe(target, overrides), resume=ns.resume)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports for the job
+        return 0
     out = {"output_dir": summary["recipe"]["output_dir"], "steps": summary["train"]["steps"],
            "loss_first": summary["train"]["loss_first"], "loss_last": summary["train"]["loss_last"],
            "eval": summary["eval"], "params": summary["params"], "memory_bytes": summary["memory_bytes"]}

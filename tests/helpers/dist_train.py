@@ -26,7 +26,8 @@ def main() -> int:
     from datetime import timedelta
 
     # one process group for every run (memtune's trainer uses it and leaves it up)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     from memtune.errors import MemtuneError
     from memtune.recipe import load_recipe
     from memtune.train import train
@@ -38,14 +39,15 @@ def main() -> int:
                 os._exit(17)
         callbacks.append(die)
     for overrides in jobs["runs"]:
-        recipe = load_recipe(None, overrides)
+        out = Path([o.split("=", 1)[1] for o in overrides if o.startswith("output_dir=")][0])
         try:
-            train(recipe, resume=jobs.get("resume", False), callbacks=callbacks)
+            train(load_recipe(None, overrides), resume=jobs.get("resume", False), callbacks=callbacks)
         except MemtuneError as e:
             if int(os.environ.get("RANK", "0")) == 0:
-                Path(recipe.output_dir).mkdir(parents=True, exist_ok=True)
-                (Path(recipe.output_dir) / "error.txt").write_text(f"{e}\n{traceback.format_exc()}")
-    dist.destroy_process_group()
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "error.txt").write_text(f"{e}\n{traceback.format_exc()}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 

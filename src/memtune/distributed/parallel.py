@@ -29,6 +29,7 @@ Strategies:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from typing import ContextManager
 
@@ -160,9 +161,12 @@ class DataParallel(Replicated):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         cuda = run.device.type == "cuda"
+        # buffers are deterministic (rotary tables, position ids): synced once at init, not every forward
+        buffers = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else {"broadcast_buffers": False})
         self.root = DDP(LossRoot(run.model), device_ids=[run.device.index or 0] if cuda else None,
                         find_unused_parameters=_uses_find_unused(self.config, run), gradient_as_bucket_view=True,
-                        broadcast_buffers=False)
+                        **buffers)
 
     def sync(self, last: bool) -> ContextManager:
         return contextlib.nullcontext() if last else self.root.no_sync()
