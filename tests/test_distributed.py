@@ -174,6 +174,8 @@ def test_killed_fsdp_run_resumes_and_loads_in_one_process(tmp_path):
     assert (ckpt / "dcp" / ".metadata").is_file() and len(list((ckpt / "dcp").glob("*.distcp"))) == 2
     copy = tmp_path / "single"
     shutil.copytree(killed, copy)
+    with pytest.raises(MemtuneError, match="does not match this recipe"):  # another adapter shape
+        train(load_recipe(None, rec + ["adapter.r=8", "train.batch_size=4", f"output_dir={copy}"]), resume=True)
     resumed = run_driver(tmp_path, [dist], "resume", resume=True)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert_same_run(tmp_path / "one", killed, weight_atol=2e-5)
@@ -209,14 +211,15 @@ def test_two_nodes_on_loopback_train_like_one_process(matrix, tmp_path):
     assert_same_run(matrix / "lora-one", out)
 
 
-def test_accelerate_launch_trains_like_one_process(matrix, tmp_path):
+@pytest.mark.parametrize("flags, strategy", [(["--multi_gpu"], "ddp"), (["--use_fsdp", "--fsdp_version", "2"], "fsdp")])
+def test_accelerate_launch_trains_like_one_process(matrix, tmp_path, flags, strategy):
     out = tmp_path / "accel"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *flags, "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
            str(free_port()), "-m", "memtune", "train", *BASE, *LORA, "train.batch_size=2", f"output_dir={out}"]
     done = launch(cmd)
     assert done.returncode == 0, done.stdout[-3000:]
-    assert summary(out)["distributed"]["strategy"] == "ddp"
+    assert summary(out)["distributed"]["strategy"] == strategy
     assert_same_run(matrix / "lora-one", out)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -112,10 +113,12 @@ def load_sharded(path: Path, model: nn.Module, rule, world: World, micro_batch_e
     state = _state(model, rule.optimizer)
     expected = set(state["model"])
     try:
-        dcp.load(state, checkpoint_id=str(path / DCP_DIR))
+        with warnings.catch_warnings():  # one process: DCP says it assumes so, which is the point here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(path / DCP_DIR))
     except Exception as e:  # noqa: BLE001  (DCP raises CheckpointException with each rank's error)
-        raise MemtuneError(f"{path}: checkpoint does not match this recipe's trainable parameters "
-                           f"({expected and sorted(expected)[0]} ...): {str(e).splitlines()[0][:300]}") from None
+        raise MemtuneError(f"{path}: checkpoint does not match this recipe's {len(expected)} trainable tensors; "
+                           f"resume with the same recipe ({str(e).splitlines()[0][:300]})") from None
     options = StateDictOptions(ignore_frozen_params=True, strict=False)
     set_model_state_dict(model, state["model"], options=options)
     if rule.optimizer is not None:
