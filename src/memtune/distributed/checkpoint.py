@@ -101,6 +101,7 @@ def load_sharded(path: Path, model: nn.Module, rule, world: World, micro_batch_e
     (the rule's state with the optimizer's, loop state). This rank's RNG state is restored (rank 0's
     when the checkpoint had fewer ranks)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
@@ -116,9 +117,10 @@ def load_sharded(path: Path, model: nn.Module, rule, world: World, micro_batch_e
         with warnings.catch_warnings():  # one process: DCP says it assumes so, which is the point here
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, checkpoint_id=str(path / DCP_DIR))
-    except Exception as e:  # noqa: BLE001  (DCP raises CheckpointException with each rank's error)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001  (a BaseException, with each rank's traceback)
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         raise MemtuneError(f"{path}: checkpoint does not match this recipe's {len(expected)} trainable tensors; "
-                           f"resume with the same recipe ({str(e).splitlines()[0][:300]})") from None
+                           f"resume with the same recipe ({lines[-1][:300] if lines else type(e).__name__})") from None
     options = StateDictOptions(ignore_frozen_params=True, strict=False)
     set_model_state_dict(model, state["model"], options=options)
     if rule.optimizer is not None:
