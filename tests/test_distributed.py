@@ -76,7 +76,7 @@ def torchrun(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
 
 
-def run_driver(tmp: Path, runs: list[list[str]], name: str, timeout: float = 300, **jobs) -> subprocess.CompletedProcess:
+def run_driver(tmp: Path, runs: list[list[str]], name: str, timeout: float = 300, **jobs):
     spec = tmp / f"{name}.json"
     spec.write_text(json.dumps({"runs": runs, **jobs}))
     return launch(torchrun(DRIVER, str(spec)), timeout=timeout)

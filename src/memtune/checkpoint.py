@@ -71,6 +71,11 @@ def save_checkpoint(output_dir: str | Path, step: int, model: nn.Module, rule_st
     torch.save(rule_state, tmp / "update_rule.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    return publish(tmp, root, name, keep)
+
+
+def publish(tmp: Path, root: Path, name: str, keep: int) -> Path:
+    """Rename a complete checkpoint folder into place, point `latest` at it, keep the newest `keep`."""
     final = root / name
     if final.exists():  # re-saving the same step after a resume: replace it
         shutil.rmtree(final)

@@ -146,7 +146,8 @@ class Trainer:
 
     def _load(self, ckpt: Path) -> None:
         if sharded.is_sharded(ckpt):
-            rule_state, saved = sharded.load_sharded(ckpt, self.run.model, self.rule, self.world, self.micro_examples)
+            rule_state, saved = sharded.load_sharded(ckpt, self.run.model, self.rule, self.world,
+                                                     self.micro_examples)
         else:
             if self.parallel.sharded:
                 raise MemtuneError(f"{ckpt}: a one-process checkpoint; resume it in one process or under "
@@ -244,7 +245,8 @@ class Trainer:
                 t0 = time.perf_counter()
                 self.run.method.before_step(self.run.model, s.step, self.total_steps)
                 if measured < t.measure_memory_steps:
-                    comm = CommCounter(self.comm, self.world.size) if self.world.distributed else contextlib.nullcontext()
+                    comm = (CommCounter(self.comm, self.world.size) if self.world.distributed
+                            else contextlib.nullcontext())
                     with self.tracker.measure(*[v for b in batches for v in b.values()]), comm:
                         stats = self.rule.step(batches, totals)
                     measured += 1

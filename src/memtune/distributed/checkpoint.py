@@ -23,7 +23,6 @@ once all have finished rank 0 renames it into place and then replaces `latest`.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import LATEST, checkpoints_dir, rng_state, set_rng_state, write_atomic_text
+from ..checkpoint import checkpoints_dir, publish, rng_state, set_rng_state
 from ..errors import MemtuneError
 from .world import World
 
@@ -69,7 +68,7 @@ def save_sharded(output_dir: str | Path, step: int, model: nn.Module, rule, extr
 
     root = checkpoints_dir(output_dir)
     name = f"step-{step:06d}"
-    tmp, final = root / f".{name}.partial", root / name
+    tmp = root / f".{name}.partial"
     if world.is_main:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -85,13 +84,9 @@ def save_sharded(output_dir: str | Path, step: int, model: nn.Module, rule, extr
         (tmp / WORLD_FILE).write_text(json.dumps({"world_size": world.size,
                                                   "micro_batch_examples": micro_batch_examples}) + "\n")
     world.barrier()  # every rank's files are complete
+    final = root / name
     if world.is_main:
-        if final.exists():  # re-saving the same step after a resume: replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        write_atomic_text(root / LATEST, name + "\n")
-        for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        publish(tmp, root, name, keep)
     world.barrier()
     return final
 
@@ -107,7 +102,8 @@ def load_sharded(path: Path, model: nn.Module, rule, world: World, micro_batch_e
 
     saved = json.loads((path / WORLD_FILE).read_text())
     if saved["micro_batch_examples"] != micro_batch_examples:
-        raise MemtuneError(f"{path}: written with {saved['world_size']} ranks x {saved['micro_batch_examples'] // saved['world_size']} "
+        per_rank = saved["micro_batch_examples"] // saved["world_size"]
+        raise MemtuneError(f"{path}: written with {saved['world_size']} ranks x {per_rank} "
                            f"examples ({saved['micro_batch_examples']} per micro-batch); this run has "
                            f"{world.size} x {micro_batch_examples // world.size}. Resume with train.batch_size = "
                            f"{saved['micro_batch_examples']} / ranks, so the data continues where it stopped")

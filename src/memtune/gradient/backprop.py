@@ -42,8 +42,8 @@ def accumulate_gradients(model, task, micro_batches: list[dict], forward_ctx, ad
     scale = parallel.loss_scale if parallel is not None else 1
     total = 0.0
     for i, batch in enumerate(micro_batches):
-        sync = parallel.sync(last=i == len(micro_batches) - 1) if parallel is not None else contextlib.nullcontext()
-        with sync:
+        last = i == len(micro_batches) - 1
+        with parallel.sync(last) if parallel is not None else contextlib.nullcontext():
             with forward_ctx():
                 loss_sum, _ = task.loss_sum(model, batch)
             loss = loss_sum * (scale / max(n, 1))
