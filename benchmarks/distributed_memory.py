@@ -28,6 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, mib, save, table  # noqa: E402
 
+from memtune.train import _human  # noqa: E402  (bytes as B / KiB / MiB / GiB)
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "data" / "alpaca.jsonl"
 METHODS = {
@@ -112,14 +114,6 @@ def _payload(r: dict, kind: str) -> str:
         return "-"
     n = r["communication"]["payload_bytes"].get(kind)
     return _human(n) if n else "-"
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 if __name__ == "__main__":
