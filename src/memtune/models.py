@@ -213,6 +213,10 @@ def load_model(name: str, task: str, labels: list[str] | None = None,
     head = head or default_head(task)
     if name in TINY_PRESETS:
         return build_preset(name, task, labels, head)
+    from .memory.planning import is_planning
+
+    if is_planning():
+        return load_weightless(name, head, labels, dtype)
     path = minilm_path() if name == "minilm" else name
     from transformers import AutoTokenizer
 
@@ -257,6 +261,88 @@ def load_model(name: str, task: str, labels: list[str] | None = None,
         model.config.pad_token_id = tok.pad_token_id
     model.config.name_or_path = name
     return Loaded(model, tok, name, stored_as)
+
+
+def model_config(name: str):
+    """The transformers config of `name` without reading weights: a catalogue name or the hub id it
+    stands for (memory/catalogue.py), a directory holding config.json, or a hub id in the local cache.
+    Returns (config, directory or None)."""
+    from transformers import AutoConfig
+
+    from .memory.catalogue import CATALOGUE, lookup
+
+    fields = lookup(name)
+    if fields is not None:
+        return AutoConfig.for_model(fields.pop("model_type"), **fields), None
+    path = minilm_path() if name == "minilm" else name
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelError(f"model '{name}': the directory has no config.json")
+    try:
+        with _quiet_transformers():
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        if os.path.isdir(path):
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"model '{name}': {os.path.join(path, 'config.json')} is not a transformers model "
+                             f"config: {first}") from None
+        raise ModelError(f"model '{name}': not a preset, a catalogue name ({', '.join(sorted(CATALOGUE))}), a "
+                         f"directory with config.json, or a hub id in the local cache") from None
+    return config, (path if os.path.isdir(path) else None)
+
+
+def _checkpoint_dtype(path: str | None) -> torch.dtype | None:
+    """The float dtype of a folder's safetensors weights, read from a file header (no weights)."""
+    if path is None:
+        return None
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(path, files[0]), framework="pt") as f:
+        for key in f.keys():
+            dt = f.get_slice(key).get_dtype()
+            if dt in ("F32", "F16", "BF16"):
+                return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dt]
+    return None
+
+
+def load_weightless(name: str, head: str, labels: list[str] | None, dtype: torch.dtype | None) -> Loaded:
+    """`name` built from its config alone, in the dtype `from_pretrained` would give it (the storage's,
+    else config.dtype, else the checkpoint's, else fp32), for planning (memtune.memory.plan: inside
+    planning() the tensors are fake, so no memory is allocated). The tokenizer is the folder's when it
+    has one, else a byte-level stand-in (a plan only needs its pad id)."""
+    config, path = model_config(name)
+    for k, v in _label_kwargs(head, labels).items():
+        setattr(config, k, v)
+    cfg_dtype = getattr(config, "dtype", None)
+    if isinstance(cfg_dtype, str):
+        cfg_dtype = getattr(torch, cfg_dtype, None)
+    dtype = dtype or cfg_dtype or _checkpoint_dtype(path) or torch.float32
+    with _quiet_transformers(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(PRESET_SEED)
+        try:
+            model = _auto_class(head).from_config(config, dtype=dtype)
+        except ValueError:
+            raise ModelError(f"model '{name}': {type(config).__name__} has no {head} head") from None
+    tok = None
+    if path is not None and any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.txt",
+                                                                                  "tokenizer.model")):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path)
+    if tok is None:
+        tok = byte_tokenizer()
+        pad = getattr(config, "pad_token_id", None)
+        if pad is not None and pad < 0:
+            pad = None
+        model.config.pad_token_id = pad if pad is not None else 0
+    elif tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
+        model.config.pad_token_id = tok.pad_token_id
+    model.config.name_or_path = name
+    return Loaded(model, tok, name)
 
 
 def _head_names(path: str, head: str, kwargs: dict) -> list[str]:

@@ -23,6 +23,7 @@ from .attention import apply_attention
 from .data import TokenizedData, infer_labels, load_data, read_records
 from .data.readers import Record
 from .errors import ConfigError
+from .memory.planning import is_planning, settle
 from .models import CLASSIFICATION, default_head, load_model
 from .pooling import use_mean_pooling
 from .prompting import PromptClassificationTask, check_label_words
@@ -180,6 +181,7 @@ def build_run(recipe: Recipe, train_records: list[Record] | None = None,
     if path:
         method.load(model, Path(path))
     apply_attention(model, recipe.attention)  # the attention axis (absent: as the adapter left it)
+    settle(model)  # planning only: weights an adapter made beside a 4-bit (meta) layer onto the plan's CPU
     if recipe.train.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
@@ -190,7 +192,8 @@ def build_run(recipe: Recipe, train_records: list[Record] | None = None,
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
-    model.to(device)
+    if not is_planning():  # (a plan's tensors are on its fake CPU, or meta for bitsandbytes: never moved)
+        model.to(device)
     storage.prepare(model, for_training)  # the layers' compute path, fixed before anything runs
     run = Run(recipe, model, loaded.tokenizer, task, method, storage, device)
     if for_training and recipe.classifier_init is not None:

@@ -105,12 +105,28 @@ class Trainer:
         self.world = launcher_world()  # before anything loads: a launch of N lone copies stops here
         start(self.world, dist_cfg.backend, dist_cfg.timeout_s, pick_device(r.train.device).type == "cuda")
         ckpt = self._prepare_output()
-        records = read_train_records(r)
-        torch.manual_seed(r.train.seed)
+        self.assemble(read_train_records(r))
+        if ckpt is not None:
+            self._load(ckpt)
+        elif self.world.is_main:
+            (self.out / "metrics.jsonl").write_text("")
+        if self.world.is_main:
+            (self.out / "recipe.yaml").write_text(recipe_to_yaml(r))
+        self.comm = CommStats()
+        self.writer = self._tensorboard() if r.train.tensorboard and self.world.is_main else None
+
+    def assemble(self, records: list | None, train_data: Callable | None = None, block: int = 1,
+                 attribute: bool = False) -> None:
+        """Everything a step needs, in `self.world` (writes no file): the run, its data, the update
+        rule and the memory tracker (`block`, `attribute`: see MemoryTracker). `train_data(run)`, when
+        given, replaces the recipe's data.train (memtune.memory.plan's batches of a given shape)."""
+        r, t, w = self.recipe, self.recipe.train, self.world
+        dist_cfg = r.distributed or DistributedConfig()
+        torch.manual_seed(t.seed)
         self.run = build_run(r, records, for_training=True)
-        self.train_data = self.run.load_data(r.data.train, r.data.split, records)
+        self.train_data = (train_data(self.run) if train_data is not None
+                           else self.run.load_data(r.data.train, r.data.split, records))
         self.eval_data = self.run.load_data(r.data.eval, r.data.eval_split) if r.data.eval else None
-        t, w = r.train, self.world
         self.micro_examples = t.batch_size * w.size  # examples per micro-batch, over every rank
         n = len(self.train_data)
         # one process: ceil(n / batch); over W ranks a last micro-batch needs at least one example per rank
@@ -134,15 +150,16 @@ class Trainer:
                              self.total_steps, self.run.forward_ctx(), adapter=self.run.method,
                              parallel=self.parallel)
         self.state = LoopState(micro_batch_examples=self.micro_examples)
-        if ckpt is not None:
-            self._load(ckpt)
-        elif w.is_main:
-            (self.out / "metrics.jsonl").write_text("")
-        if w.is_main:
-            (self.out / "recipe.yaml").write_text(recipe_to_yaml(r))
-        self.tracker = MemoryTracker(self.run.model, self.rule.optimizer)
-        self.comm = CommStats()
-        self.writer = self._tensorboard() if t.tensorboard and w.is_main else None
+        self.tracker = MemoryTracker(self.run.model, self.rule.optimizer, block=block, attribute=attribute)
+
+    def update(self, batches: list[dict], totals: StepTotals | None, measure: bool) -> StepStats:
+        """One optimizer step on a step's micro-batches; `measure`: under the memory tracker."""
+        self.run.method.before_step(self.run.model, self.state.step, self.total_steps)
+        if not measure:
+            return self.rule.step(batches, totals)
+        comm = CommCounter(self.comm, self.world.size) if self.world.distributed else contextlib.nullcontext()
+        with self.tracker.measure(*[v for b in batches for v in b.values()]), comm:
+            return self.rule.step(batches, totals)
 
     def _load(self, ckpt: Path) -> None:
         if sharded.is_sharded(ckpt):
@@ -243,15 +260,9 @@ class Trainer:
             while s.step < self.total_steps:
                 batches, totals = self._next_micro_batches()
                 t0 = time.perf_counter()
-                self.run.method.before_step(self.run.model, s.step, self.total_steps)
-                if measured < t.measure_memory_steps:
-                    comm = (CommCounter(self.comm, self.world.size) if self.world.distributed
-                            else contextlib.nullcontext())
-                    with self.tracker.measure(*[v for b in batches for v in b.values()]), comm:
-                        stats = self.rule.step(batches, totals)
-                    measured += 1
-                else:
-                    stats = self.rule.step(batches, totals)
+                measure = measured < t.measure_memory_steps
+                stats = self.update(batches, totals, measure)
+                measured += measure
                 if self.run.device.type == "cuda":
                     torch.cuda.synchronize()
                 s.seconds += time.perf_counter() - t0

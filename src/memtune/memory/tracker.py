@@ -24,6 +24,11 @@ the allocator. A ``TorchDispatchMode`` sees the output of every operator below a
 so counting each new storage when it appears and uncounting it in a weakref callback when it is freed
 gives byte counts that are exact, repeatable, and the same on every device.
 
+Under planning's fake tensors (memory/planning.py) a storage is a `meta` storage with a size and no
+data; it is counted by that size like any other, so a plan and a run are measured by this same code.
+``block`` rounds every storage up to a multiple of that many bytes, as a device allocator does (the
+CUDA caching allocator: 512 B), for plans of a GPU run; 1 (the default) counts exact bytes.
+
 What it cannot see: scratch memory inside a single kernel (it is freed before the operator returns),
 memory that is not a tensor (CUDA context, library workspaces), and storages that never reach
 Python (created and freed inside one C++ call). Tensors alive before ``measure()`` that it was not
@@ -98,7 +103,7 @@ def _storages(t: torch.Tensor) -> list[torch.UntypedStorage]:
         st = t.untyped_storage()
     except (RuntimeError, NotImplementedError):  # sparse, nested or functorch-batched: no plain storage
         return []
-    return [] if st.device.type == "meta" else [st]
+    return [st]  # meta storages too: a planned (fake) tensor's storage has its size and no data
 
 
 class _Saved:
@@ -134,16 +139,23 @@ class _OpWatcher(TorchDispatchMode):
             tracker._track_tensors(kwargs)
         out = func(*args, **kwargs)
         tracker._track_tensors(out)
-        tracker._note_peak()
+        if tracker._live > tracker._max["peak"]:
+            tracker._note_peak(func)
         return out
 
 
 class MemoryTracker:
     """Measures memory by category over one or more ``measure()`` windows (maxima over all of them)."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                 block: int = 1, attribute: bool = False) -> None:
         self.model = model
         self.optimizer = optimizer
+        self.block = block  # bytes each storage is rounded up to (1: exact)
+        # attribute: record the operator and module where the peak happens (`peak_at`)
+        self._modules = _ModuleStack(model) if attribute else None
+        self.peak_at: dict | None = None
+        self._in_optimizer = False
         self._lock = threading.RLock()  # weakref callbacks may run on autograd's device threads
         self._max = dict.fromkeys(_CATEGORIES, 0)
         self._cuda_max: int | None = None
@@ -181,6 +193,8 @@ class MemoryTracker:
                 if p.requires_grad:
                     self._grad_hooks.append(p.register_post_accumulate_grad_hook(self._after_accumulate))
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack))
+            if self._modules is not None:
+                stack.enter_context(self._modules)
             stack.enter_context(_OpWatcher(self))
             yield self
 
@@ -222,9 +236,17 @@ class MemoryTracker:
     def _hook_optimizer(self) -> None:
         if self.optimizer is not None:
             self._optimizer_hooks = [
-                self.optimizer.register_step_pre_hook(lambda *_: self._sample_gradients()),
-                self.optimizer.register_step_post_hook(lambda *_: self._sample_optimizer()),
+                self.optimizer.register_step_pre_hook(lambda *_: self._before_optimizer_step()),
+                self.optimizer.register_step_post_hook(lambda *_: self._after_optimizer_step()),
             ]
+
+    def _before_optimizer_step(self) -> None:
+        self._sample_gradients()
+        self._in_optimizer = True
+
+    def _after_optimizer_step(self) -> None:
+        self._in_optimizer = False
+        self._sample_optimizer()
 
     def _unhook_optimizer(self) -> None:
         for handle in self._optimizer_hooks:
@@ -245,7 +267,7 @@ class MemoryTracker:
         address or id reused later is always seen as a new storage.
         """
         key = id(st)
-        nbytes = st.nbytes()
+        nbytes = self._size(st)
         with self._lock:
             old = self._sizes.get(key)
             if old is None:
@@ -257,6 +279,10 @@ class MemoryTracker:
                 self._live += nbytes - old
         return key
 
+    def _size(self, st: torch.UntypedStorage) -> int:
+        n, b = st.nbytes(), self.block
+        return n if b == 1 else -(-n // b) * b
+
     def _release(self, key: int, _ref: weakref.ref) -> None:
         with self._lock:
             self._refs.pop(key, None)
@@ -267,8 +293,18 @@ class MemoryTracker:
             for st in _storages(t):
                 self._track(st)
 
-    def _note_peak(self) -> None:
-        self._bump("peak", self._live)
+    def _note_peak(self, func=None) -> None:
+        with self._lock:
+            if self._live <= self._max["peak"]:
+                return
+            self._max["peak"] = self._live
+        if self._modules is not None:
+            self.peak_at = {"op": str(func) if func is not None else "(start of the step)", **self._where()}
+
+    def _where(self) -> dict:
+        if self._in_optimizer:
+            return {"phase": "optimizer step", "module": type(self.optimizer).__name__}
+        return self._modules.where()
 
     def _unique_bytes(self, tensors: Any, exclude: Set[int] = frozenset()) -> tuple[int, set[int]]:
         """Bytes of the distinct storages behind ``tensors`` (registering them as live)."""
@@ -279,7 +315,7 @@ class MemoryTracker:
                 key = self._track(st)
                 if key not in keys and key not in exclude:
                     keys.add(key)
-                    total += st.nbytes()
+                    total += self._size(st)
         return total, keys
 
     def _register_model(self) -> None:
@@ -324,8 +360,8 @@ class MemoryTracker:
             with self._lock:
                 entry = self._saved.get(key)
                 if entry is None:
-                    self._saved[key] = [1, st.nbytes()]
-                    self._saved_live += st.nbytes()
+                    self._saved[key] = [1, self._size(st)]
+                    self._saved_live += self._size(st)
                 else:
                     entry[0] += 1
         if keys:
@@ -345,6 +381,56 @@ class MemoryTracker:
                 if entry[0] == 0:
                     del self._saved[key]
                     self._saved_live -= entry[1]
+
+
+class _ModuleStack:
+    """Which of the model's modules is running, for `peak_at`: in forward the innermost module whose
+    forward has begun and not returned; in backward the module whose forward made the autograd node
+    being run (each module's nodes are tagged in `Node.metadata` as its forward returns, innermost
+    first). It holds no tensor (torch's ModuleTracker keeps tensors of recomputed checkpoint regions
+    alive through its grad hooks, which would change what is measured)."""
+
+    KEY = "memtune.module"
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.names = {id(m): n or type(model).__name__ for n, m in model.named_modules()}
+        self.stack: list[str | None] = []
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> _ModuleStack:
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        self.stack = []
+        self.handles = [register_module_forward_pre_hook(self._enter),
+                        register_module_forward_hook(self._leave, always_call=True)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def _enter(self, module, args) -> None:
+        self.stack.append(self.names.get(id(module)))
+
+    def _leave(self, module, args, output) -> None:
+        name = self.stack.pop() if self.stack else None
+        if name is None:
+            return
+        todo = [t.grad_fn for t in _iter_tensors(output) if t.grad_fn is not None]
+        while todo:
+            node = todo.pop()
+            if node is None or self.KEY in node.metadata or type(node).__name__ == "AccumulateGrad":
+                continue
+            node.metadata[self.KEY] = name
+            todo.extend(fn for fn, _ in node.next_functions)
+
+    def where(self) -> dict:
+        node = torch._C._current_autograd_node()
+        if node is not None:
+            return {"phase": "backward", "module": node.metadata.get(self.KEY, "(outside any module)")}
+        inside = [n for n in self.stack if n is not None]
+        return {"phase": "forward", "module": inside[-1] if inside else "(outside any module)"}
 
 
 def _quantization_constants(p: torch.Tensor) -> list[torch.Tensor]:

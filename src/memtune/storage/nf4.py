@@ -36,6 +36,7 @@ from torch import nn
 
 from ..adapters.targets import set_submodule
 from ..errors import ConfigError
+from ..memory.planning import is_planning, weightless_like
 from ..models import head_modules, is_linear, out_in_weight
 from ..recipe import StorageConfig
 from . import DTYPES, STORAGE, BaseStorage
@@ -93,11 +94,17 @@ class NF4Storage(BaseStorage):
             new = bnb.nn.Linear4bit(d_in, d_out, bias=old.bias is not None, compute_dtype=compute,
                                     compress_statistics=self.config.double_quant, quant_type="nf4",
                                     device="meta")
-            new.weight = bnb.nn.Params4bit(w.contiguous().float(), requires_grad=False, quant_type="nf4",
+            # planning (memory/planning.py): Params4bit cannot hold a FakeTensor, so it gets a meta tensor
+            src = weightless_like(w).contiguous()
+            new.weight = bnb.nn.Params4bit(src, requires_grad=False, quant_type="nf4",
                                            compress_statistics=self.config.double_quant, blocksize=BLOCKSIZE)
             if old.bias is not None:
                 new.bias = nn.Parameter(old.bias.data.clone(), requires_grad=False)
-            new = new.to(w.device if w.device.type != "meta" else "cpu")  # quantizes
+            if is_planning():
+                _keep_code_table_on_cpu()
+                new.weight._quantize("meta")  # (.to() would skip a meta tensor)
+            else:
+                new = new.to(w.device if w.device.type != "meta" else "cpu")  # quantizes
             set_submodule(model, name, new)
             del old, w
         self.count = set_cpu_layout(model, packed=False)  # 4-bit layers, converted here or while loading
@@ -134,6 +141,20 @@ class NF4Storage(BaseStorage):
         return {"kind": "nf4", "blocksize": BLOCKSIZE, "double_quant": self.config.double_quant,
                 "compute_dtype": self.config.compute_dtype, "cpu_kernel": self.config.cpu_kernel,
                 "quantized_layers": getattr(self, "count", None)}
+
+
+def _keep_code_table_on_cpu() -> None:
+    """bitsandbytes caches double quantization's 8-bit code table on the device of the first tensor it
+    quantizes; a plan quantizes on `meta`, and a later real run would get a table without data. Fill
+    the cache first, on the CPU, with the table bitsandbytes itself would compute (it moves it to
+    each input's device)."""
+    import bitsandbytes.functional as F
+
+    if "dynamic" not in F.name2qmap:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():
+            F.name2qmap["dynamic"] = F.create_dynamic_map().to("cpu")
 
 
 def forget_quantizer(model: nn.Module) -> None:
