@@ -1,4 +1,4 @@
-"""The `memtune` command: train, eval, merge, quantize, replay, demo, env.
+"""The `memtune` command: train, plan, eval, merge, quantize, replay, demo, env.
 
 User errors (MemtuneError) print one line, `memtune: error: ...`, and exit with status 2.
 """
@@ -37,6 +37,49 @@ def cmd_train(ns) -> int:
            "eval": summary["eval"], "params": summary["params"], "memory_bytes": summary["memory_bytes"]}
     print(json.dumps(out, indent=2))
     return 0
+
+
+def cmd_plan(ns) -> int:
+    from .memory.plan import GIB, format_report, largest_fitting, parse_memory, plan
+    from .recipe import load_recipe
+
+    target, overrides = _split_target(ns.args)
+    recipe = load_recipe(target, overrides)
+    budget, gpu = parse_memory(ns.gpu_memory) if ns.gpu_memory else (None, None)
+    device = ns.device or ("cuda" if budget is not None else "cpu")
+    if ns.max_batch or ns.max_seq:
+        if budget is None:
+            raise MemtuneError("--max-batch / --max-seq: need a budget (--gpu-memory 24GiB or a GPU name)")
+        axis = "batch" if ns.max_batch else "seq"
+        n, rep = largest_fitting(recipe, axis, budget, batch_size=ns.batch, seq_len=ns.seq, device=device, gpu=gpu)
+        if rep is None:
+            what = "batch 1" if axis == "batch" else "2 tokens"
+            raise MemtuneError(f"nothing fits on {gpu or f'{budget / GIB:.2f} GiB'}: not even {what} "
+                               f"(the weights alone are {plan_weights(recipe, device, gpu) / GIB:.2f} GiB)")
+    else:
+        rep = plan(recipe, batch_size=ns.batch, seq_len=ns.seq, device=device, budget=budget, gpu=gpu)
+    if ns.json:
+        out = rep.to_dict()
+        if ns.max_batch or ns.max_seq:
+            out["largest"] = {"axis": "batch" if ns.max_batch else "seq", "value": n}
+        print(json.dumps(out, indent=2))
+    else:
+        if ns.max_batch or ns.max_seq:
+            print(f"largest {'batch size' if ns.max_batch else 'sequence length'} that fits: {n}")
+        print(format_report(rep))
+    if rep.fits is False:
+        where = gpu or f"{budget / GIB:.2f} GiB"
+        raise MemtuneError(f"does not fit on {where}: needs {rep.total / GIB:.2f} GiB, short by "
+                           f"{-rep.margin / GIB:.2f} GiB")
+    return 0
+
+
+def plan_weights(recipe, device: str, gpu: str | None) -> int:
+    """Bytes of the model's weights under the recipe (a plan at the smallest batch)."""
+    from .memory.plan import plan
+
+    m = plan(recipe, batch_size=1, seq_len=2, device=device, gpu=gpu).memory_bytes
+    return m["parameters"] + m["buffers"]
 
 
 def cmd_eval(ns) -> int:
@@ -156,6 +199,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     t.set_defaults(fn=cmd_train)
+
+    pl = sub.add_parser("plan", help="predict a recipe's memory before running it: memtune plan [CONFIG.yaml] "
+                                     "[key=value ...] [--batch N] [--seq N] [--gpu-memory 24GiB | GPU]")
+    pl.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value")
+    pl.add_argument("--batch", type=int, default=None, help="micro-batch size (default: train.batch_size)")
+    pl.add_argument("--seq", type=int, default=None,
+                    help="tokens per example (default: the recipe's data.train batches, or data.max_length)")
+    pl.add_argument("--gpu-memory", default=None,
+                    help="the budget: 24GiB, 48GB, 80G, or a GPU name (h100, a100-80gb, rtx4090, ...)")
+    pl.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                    help="the target (default: cuda with --gpu-memory, else cpu); --device cpu --gpu-memory N "
+                         "checks a CPU run against N bytes of RAM")
+    group = pl.add_mutually_exclusive_group()
+    group.add_argument("--max-batch", action="store_true", help="search the largest batch size that fits")
+    group.add_argument("--max-seq", action="store_true", help="search the largest sequence length that fits")
+    pl.add_argument("--json", action="store_true", help="one JSON object (memory_bytes as in summary.json)")
+    pl.set_defaults(fn=cmd_plan)
 
     e = sub.add_parser("eval", help="evaluate a run or a recipe: memtune eval [RUN_DIR | CONFIG.yaml] [key=value ...]")
     e.add_argument("args", nargs="*", metavar="RUN_DIR | CONFIG.yaml | key=value")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -63,6 +64,9 @@ class AdamWConfig(OptimizerConfig):
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     paged: bool = False  # bitsandbytes' paged AdamW (CUDA only: state pages out to CPU under memory pressure)
+    # torch's update loop: auto = torch's default for the device (for-loop on CPU, foreach on CUDA);
+    # the three differ in the temporaries of optimizer.step(), so in the peak (memtune plan shows it)
+    implementation: Literal["auto", "for-loop", "foreach", "fused"] = "auto"
 
     def check(self, prefix: str) -> None:
         super().check(prefix)
@@ -81,6 +85,9 @@ def _adamw(cfg: AdamWConfig, groups: list[dict], params: list) -> torch.optim.Op
             return bnb.optim.PagedAdamW(groups, **kwargs)
         log.warning("optimizer.paged: paged optimizers page state between GPU and CPU memory; on %s there is "
                     "nothing to page, so the ordinary AdamW runs", params[0].device.type if params else "cpu")
+    impl = cfg.implementation
+    if impl != "auto":
+        kwargs.update({"foreach": impl == "foreach", "fused": impl == "fused" or None})
     return torch.optim.AdamW(groups, **kwargs)
 
 

@@ -5,12 +5,16 @@ it); nothing else of the model is needed to plan, since a plan builds the model 
 tensors without data. `gpt3-175b` is GPT-3's published shape (Brown et al. 2020, Table 2.1: 96 layers,
 d_model 12288, 96 heads, context 2048) in GPT-2's architecture, which GPT-3 shares (for the LoRA
 paper's 175B figures).
+
+dtype: the hub configs' own, except Llama-2 and LLaMA-1 (float16 there): bfloat16, the dtype they are
+trained in today (with bf16 autocast, fp16 weights would also fail on the CPU the plan runs on). Set
+`quantize.dtype=fp16` (plain storage) to plan fp16 weights.
 """
 
 from __future__ import annotations
 
 _LLAMA2 = dict(model_type="llama", vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
-               hidden_act="silu", tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, dtype="float16")
+               hidden_act="silu", tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, dtype="bfloat16")
 _LLAMA3 = dict(model_type="llama", vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
                rope_theta=500000.0, hidden_act="silu", tie_word_embeddings=False, bos_token_id=128000,
                eos_token_id=128001, dtype="bfloat16")

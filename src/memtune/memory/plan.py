@@ -115,16 +115,20 @@ def plan(recipe: Recipe, *, batch_size: int | None = None, seq_len: int | None =
 
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"plan: device '{device}': expected cpu or cuda")
-    r = copy.deepcopy(recipe)
+    r, notes = copy.deepcopy(recipe), []
     r.train.device = "cpu"  # the step runs on fake CPU tensors whatever the target
     r.train.progress = False
     r.distributed = None
+    if device == "cuda" and getattr(r.optimizer, "implementation", None) == "auto":
+        r.optimizer.implementation = "foreach"  # torch's default for CUDA parameters (for-loop on CPU)
+        notes.append("AdamW planned as torch runs it on CUDA by default: foreach")
+    if device == "cuda" and getattr(r.optimizer, "paged", False):
+        notes.append("optimizer.paged: the state is counted as device memory; bitsandbytes may page it out")
     if batch_size is not None:
         if batch_size < 1:
             raise ConfigError(f"plan: batch size {batch_size}: must be at least 1")
         r.train.batch_size = batch_size
     synthetic = seq_len is not None or not r.data.train
-    notes = []
     if synthetic:
         seq_len = seq_len or r.data.max_length
         if seq_len < 2:

@@ -40,7 +40,7 @@ import torch
 from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException, FakeTensor,
                                            FakeTensorMode, UnsupportedOperatorException, unset_fake_temporarily)
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
 from ..errors import MemtuneError
 
@@ -104,6 +104,17 @@ def _as_fake(mode: FakeTensorMode, t: object) -> object:
     return t
 
 
+def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors among an operator's arguments (top level and inside lists: cat, index, foreach)."""
+    out = []
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out.extend(x for x in a if isinstance(x, torch.Tensor))
+    return out
+
+
 def _mask_to_indices(indices: list) -> list:
     """A boolean index is its nonzero positions, one index tensor per mask dimension (torch's rule)."""
     out = []
@@ -125,7 +136,7 @@ class PlanningMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        tensors = _tensors(args, kwargs)
         if func is _SCALAR_READ and is_fake(args[0]):
             t = args[0]
             return False if t.dtype == torch.bool else (0.0 if t.is_floating_point() else 0)
@@ -135,7 +146,8 @@ class PlanningMode(TorchDispatchMode):
                 return func(*args, **kwargs)
         if func in _MASK_INDEX_OPS:
             args = (args[0], _mask_to_indices(args[1]), *args[2:])
-        args, kwargs = tree_map(lambda a: _as_fake(self.fake, a), (args, kwargs))
+        if any(t.device.type == "meta" and not isinstance(t, FakeTensor) for t in tensors):
+            args, kwargs = tree_map(lambda a: _as_fake(self.fake, a), (args, kwargs))
         try:
             out = func(*args, **kwargs)
         except (DynamicOutputShapeException, DataDependentOutputException) as e:
