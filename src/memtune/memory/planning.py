@@ -51,7 +51,7 @@ REAL_FACTORY_NUMEL = 1 << 16  # factory outputs up to this many elements are com
 _aten = torch.ops.aten
 _MASK_INDEX_OPS = {_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default,
                    _aten._unsafe_index_put.default, _aten._index_put_impl_.default}
-_SCALAR_READ = _aten._local_scalar_dense.default
+_SCALAR_READS = {_aten._local_scalar_dense.default, _aten.item.default}
 
 _active: list[FakeTensorMode] = []
 
@@ -119,7 +119,7 @@ def _mask_to_indices(indices: list) -> list:
     """A boolean index is its nonzero positions, one index tensor per mask dimension (torch's rule)."""
     out = []
     for i in indices:
-        if isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) and not is_fake(i):
+        if isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) and i.dim() > 0 and not is_fake(i):
             with unset_fake_temporarily():
                 out.extend(i.nonzero().unbind(1))
         else:
@@ -137,7 +137,7 @@ class PlanningMode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tensors = _tensors(args, kwargs)
-        if func is _SCALAR_READ and is_fake(args[0]):
+        if func in _SCALAR_READS and is_fake(args[0]):
             t = args[0]
             return False if t.dtype == torch.bool else (0.0 if t.is_floating_point() else 0)
         on_meta = not tensors and str(kwargs.get("device", "")) == "meta"  # (a meta factory allocates nothing)
