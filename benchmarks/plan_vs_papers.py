@@ -1,6 +1,6 @@
 """memtune plan against what runs measure here, and against the memory figures papers publish.
 
-    python benchmarks/plan_vs_papers.py [--skip-measured] [--skip-papers]
+    python benchmarks/plan_vs_papers.py [--skip-measured] [--skip-papers] [--only QST,QLoRA]
 
 1. Predicted vs measured, this machine (CPU, exact bytes): the demo's methods on the pretrained
    MiniLM-L6 (bundled sentiment data, batch 16, 64 tokens, 3 measured steps), every category of
@@ -92,9 +92,11 @@ def measured_rows() -> list[dict]:
     return rows
 
 
-def paper_rows() -> list[dict]:
+def paper_rows(only: list[str]) -> list[dict]:
     rows = []
     for paper, row, pub, overrides, batch, seq, setting in PAPERS:
+        if only and not any(w in paper for w in only):
+            continue
         rep = plan(load_recipe(None, overrides), batch_size=batch, seq_len=seq, device="cuda")
         m = rep.memory_bytes
         rows.append({"paper": paper, "row": row, "published_gb": pub, "planned_total_gb": rep.total / GB,
@@ -111,6 +113,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-measured", action="store_true")
     ap.add_argument("--skip-papers", action="store_true")
+    ap.add_argument("--only", default="", help="paper rows whose paper name contains one of these (comma-separated)")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
     out = {}
@@ -120,13 +123,13 @@ def main() -> None:
                     [[r["method"], *[r["difference"][k] for k in CATS], f"{r['plan_seconds']:.2f}"]
                      for r in out["measured"]]))
     if not args.skip_papers:
-        out["papers"] = paper_rows()
+        out["papers"] = paper_rows([w for w in args.only.split(",") if w])
         print(table(["paper", "row", "published GB", "planned GB", "W", "grads", "opt", "act", "diff", "plan s"],
                     [[r["paper"], r["row"], r["published_gb"], f"{r['planned_total_gb']:.1f}",
                       f"{r['weights_gb']:.1f}", f"{r['gradients_gb']:.1f}", f"{r['optimizer_gb']:.1f}",
                       f"{r['activations_gb']:.1f}", f"{r['difference']:+.0%}", f"{r['plan_seconds']:.1f}"]
                      for r in out["papers"]]))
-    print(save("plan_vs_papers", out))
+    print(save("plan_vs_papers" + ("-" + "-".join(args.only.split(",")).replace(" ", "_") if args.only else ""), out))
 
 
 if __name__ == "__main__":

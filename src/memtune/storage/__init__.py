@@ -74,7 +74,9 @@ class PlainStorage(BaseStorage):
 
     def apply(self, model: nn.Module) -> None:
         dtype = DTYPES.get(self.config.dtype)
-        if dtype is not None:
+        tensors = (*model.parameters(), *model.buffers())
+        # (loaded in the dtype already: nothing to cast, and a plan's fake tensors cannot be swapped)
+        if dtype is not None and any(t.is_floating_point() and t.dtype != dtype for t in tensors):
             model.to(dtype)
 
 
