@@ -51,13 +51,15 @@ def cmd_plan(ns) -> int:
         if budget is None:
             raise MemtuneError("--max-batch / --max-seq: need a budget (--gpu-memory 24GiB or a GPU name)")
         axis = "batch" if ns.max_batch else "seq"
-        n, rep = largest_fitting(recipe, axis, budget, batch_size=ns.batch, seq_len=ns.seq, device=device, gpu=gpu)
+        n, rep = largest_fitting(recipe, axis, budget, batch_size=ns.batch, seq_len=ns.seq, device=device, gpu=gpu,
+                                 ranks=ns.ranks)
         if rep is None:
             what = "batch 1" if axis == "batch" else "2 tokens"
             raise MemtuneError(f"nothing fits on {gpu or f'{budget / GIB:.2f} GiB'}: not even {what} "
                                f"(the weights alone are {plan_weights(recipe, device, gpu) / GIB:.2f} GiB)")
     else:
-        rep = plan(recipe, batch_size=ns.batch, seq_len=ns.seq, device=device, budget=budget, gpu=gpu)
+        rep = plan(recipe, batch_size=ns.batch, seq_len=ns.seq, device=device, budget=budget, gpu=gpu,
+                   ranks=ns.ranks)
     if ns.json:
         out = rep.to_dict()
         if ns.max_batch or ns.max_seq:
@@ -214,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     group = pl.add_mutually_exclusive_group()
     group.add_argument("--max-batch", action="store_true", help="search the largest batch size that fits")
     group.add_argument("--max-seq", action="store_true", help="search the largest sequence length that fits")
+    pl.add_argument("--ranks", type=int, default=1,
+                    help="plan rank 0 of N processes (distributed.strategy: ddp by default, or fsdp)")
     pl.add_argument("--json", action="store_true", help="one JSON object (memory_bytes as in summary.json)")
     pl.set_defaults(fn=cmd_plan)
 

@@ -112,7 +112,6 @@ class Trainer:
             (self.out / "metrics.jsonl").write_text("")
         if self.world.is_main:
             (self.out / "recipe.yaml").write_text(recipe_to_yaml(r))
-        self.comm = CommStats()
         self.writer = self._tensorboard() if r.train.tensorboard and self.world.is_main else None
 
     def assemble(self, records: list | None, train_data: Callable | None = None, block: int = 1,
@@ -151,6 +150,7 @@ class Trainer:
                              parallel=self.parallel)
         self.state = LoopState(micro_batch_examples=self.micro_examples)
         self.tracker = MemoryTracker(self.run.model, self.rule.optimizer, block=block, attribute=attribute)
+        self.comm = CommStats()
 
     def update(self, batches: list[dict], totals: StepTotals | None, measure: bool) -> StepStats:
         """One optimizer step on a step's micro-batches; `measure`: under the memory tracker."""

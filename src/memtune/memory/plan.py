@@ -23,6 +23,7 @@ kernel scratch memory.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import time
@@ -71,6 +72,8 @@ class PlanReport:
     gpu: str | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    ranks: int = 1  # > 1: the figures are rank 0's of that many processes
+    communication: dict | None = None  # ranks > 1: bytes per step by collective (summary.json's)
 
     @property
     def total(self) -> int:
@@ -90,7 +93,8 @@ class PlanReport:
                 "grad_accum": self.grad_accum, "memory_bytes": self.memory_bytes, "params": self.params,
                 "peak_at": self.peak_at, "overheads": [o.to_dict() for o in self.overheads], "total": self.total,
                 "budget": self.budget, "gpu": self.gpu, "fits": self.fits, "margin": self.margin,
-                "seconds": round(self.seconds, 3), "notes": self.notes}
+                "seconds": round(self.seconds, 3), "ranks": self.ranks,
+                "communication_per_step": self.communication, "notes": self.notes}
 
 
 def _synthetic(run, n: int, seq_len: int) -> TokenizedData:
@@ -108,17 +112,22 @@ def _synthetic(run, n: int, seq_len: int) -> TokenizedData:
 
 
 def plan(recipe: Recipe, *, batch_size: int | None = None, seq_len: int | None = None, device: str = "cpu",
-         budget: int | None = None, gpu: str | None = None) -> PlanReport:
-    """Predict what `memtune train` would measure for `recipe` (module docstring)."""
+         budget: int | None = None, gpu: str | None = None, ranks: int = 1) -> PlanReport:
+    """Predict what `memtune train` would measure for `recipe` (module docstring); with `ranks` > 1,
+    what rank 0 of a launch of that many processes would measure (its summary.json
+    `distributed.memory_bytes_per_rank[0]`), under the recipe's distributed.strategy."""
     from ..pipeline import read_train_records
     from ..train import Trainer
 
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"plan: device '{device}': expected cpu or cuda")
+    if ranks < 1:
+        raise ConfigError(f"plan: {ranks} ranks: must be at least 1")
     r, notes = copy.deepcopy(recipe), []
     r.train.device = "cpu"  # the step runs on fake CPU tensors whatever the target
     r.train.progress = False
-    r.distributed = None
+    if ranks == 1:
+        r.distributed = None
     if device == "cuda" and getattr(r.optimizer, "implementation", None) == "auto":
         r.optimizer.implementation = "foreach"  # torch's default for CUDA parameters (for-loop on CPU)
         notes.append("AdamW planned as torch runs it on CUDA by default: foreach")
@@ -143,20 +152,24 @@ def plan(recipe: Recipe, *, batch_size: int | None = None, seq_len: int | None =
         r.classifier_init = None  # (it needs real examples; it runs before training, outside the tracker)
     measured = max(r.train.measure_memory_steps, 1)
     trainer = Trainer(r)
-    trainer.world = World()
+    trainer.world = World(rank=0, size=ranks)
     t0 = time.perf_counter()
-    with planning():
+    with fake_process_group(ranks), planning():
         records = None if synthetic else read_train_records(r)
-        data = (lambda run: _synthetic(run, r.train.batch_size * r.train.grad_accum * measured, seq_len)) \
+        data = (lambda run: _synthetic(run, r.train.batch_size * r.train.grad_accum * measured * ranks, seq_len)) \
             if synthetic else None
         trainer.assemble(records, train_data=data, block=ALLOCATOR_BLOCK if device == "cuda" else 1,
                          attribute=True)
+        if trainer.parallel.name == "ddp":
+            trainer.parallel.root.register_comm_hook(None, _local_bucket)
         steps = min(measured, trainer.total_steps)
         for _ in range(steps):
             batches, totals = trainer._next_micro_batches()
             trainer.update(batches, totals, measure=True)
             trainer.state.step += 1
     seconds = time.perf_counter() - t0
+    if ranks > 1:
+        notes.append(f"rank 0 of {ranks} ({trainer.parallel.name}); collectives not run (a fake process group)")
     mem = trainer.tracker.report().to_dict()
     mem["cuda_max_allocated"] = None
     mem["measured_steps"] = steps
@@ -166,12 +179,48 @@ def plan(recipe: Recipe, *, batch_size: int | None = None, seq_len: int | None =
                       else None, grad_accum=r.train.grad_accum, memory_bytes=mem,
                       params=trainer.run.param_counts(), peak_at=trainer.tracker.peak_at,
                       overheads=overheads(gpu) if device == "cuda" else [], budget=budget, gpu=gpu,
-                      seconds=seconds, notes=notes)
+                      seconds=seconds, notes=notes, ranks=ranks,
+                      communication=trainer.comm.per_step(steps) if ranks > 1 else None)
+
+
+@contextlib.contextmanager
+def fake_process_group(ranks: int):
+    """A process group of `ranks` members in which this process is rank 0 and collectives return at
+    once (torch's testing `fake` backend, the one torchtitan's memory estimator uses): DDP and FSDP2
+    build and step exactly as on rank 0 of a real launch, on fake tensors. One rank: nothing."""
+    if ranks == 1:
+        yield
+        return
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise ConfigError("plan: --ranks inside a process that already has a process group (plan outside the launch)")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=ranks)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _local_bucket(state, bucket):
+    """DDP comm hook for plans: DDP's own mean all-reduce, in place on the bucket, issued to the fake
+    group synchronously (counted in the communication figures; the fake group's asynchronous future
+    does not carry the tensor DDP expects back)."""
+    import torch
+    import torch.distributed as dist
+
+    buffer = bucket.buffer()
+    buffer.div_(dist.get_world_size())
+    dist.all_reduce(buffer)
+    fut = torch.futures.Future()
+    fut.set_result(buffer)
+    return fut
 
 
 def largest_fitting(recipe: Recipe, axis: str, budget: int, *, batch_size: int | None = None,
                     seq_len: int | None = None, device: str = "cpu", gpu: str | None = None,
-                    limit: int = 1 << 20) -> tuple[int, PlanReport | None]:
+                    ranks: int = 1, limit: int = 1 << 20) -> tuple[int, PlanReport | None]:
     """The largest batch size (`axis="batch"`) or sequence length (`"seq"`) whose plan fits `budget`,
     by doubling then bisecting (memory grows monotonically with both). (0, None) if even 1 (batch) or
     2 (seq) tokens do not fit."""
@@ -181,7 +230,7 @@ def largest_fitting(recipe: Recipe, axis: str, budget: int, *, batch_size: int |
 
     def at(n: int) -> PlanReport:
         b, s = (n, seq_len) if axis == "batch" else (batch_size, n)
-        return plan(recipe, batch_size=b, seq_len=s, device=device, budget=budget, gpu=gpu)
+        return plan(recipe, batch_size=b, seq_len=s, device=device, budget=budget, gpu=gpu, ranks=ranks)
 
     lo = 1 if axis == "batch" else 2
     best = at(lo)
@@ -214,7 +263,8 @@ def format_report(rep: PlanReport) -> str:
     shape = (f"batch {rep.batch_size} x {rep.seq_len} tokens" if rep.seq_len is not None
              else f"batch {rep.batch_size}, the recipe's data")
     lines = [f"plan: {rep.model} on {rep.device}, {shape}" + (f", grad_accum {rep.grad_accum}"
-                                                              if rep.grad_accum > 1 else ""),
+                                                              if rep.grad_accum > 1 else "")
+             + (f", per rank of {rep.ranks}" if rep.ranks > 1 else ""),
              f"params: {rep.params['total']:,} total, {rep.params['trainable']:,} trainable", ""]
     rows = [("parameters (trainable)", m["parameters_trainable"]), ("parameters (frozen)", m["parameters_frozen"]),
             ("buffers", m["buffers"]), ("gradients", m["gradients"]), ("optimizer state", m["optimizer"]),

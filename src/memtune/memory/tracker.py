@@ -217,6 +217,7 @@ class MemoryTracker:
         self._saved_refs: dict[int, weakref.ref] = {}
         self._saved_live = 0
         self._params: list[torch.nn.Parameter] = []
+        self._resizable = False
         self._grad_hooks: list[Any] = []
         self._backward_callback_queued = False
 
@@ -283,6 +284,24 @@ class MemoryTracker:
         n, b = st.nbytes(), self.block
         return n if b == 1 else -(-n // b) * b
 
+    def _recount(self) -> None:
+        """Re-read every live storage's size. FSDP2 frees a gathered parameter with
+        `untyped_storage().resize_(0)`, which is not an operator (no dispatch sees it): without this,
+        every layer's gathered weights would count as live until the layer is gathered again."""
+        for key, ref in list(self._refs.items()):
+            st = ref()
+            if st is None:
+                continue
+            n = self._size(st)
+            old = self._sizes.get(key)
+            if old is not None and n != old:
+                self._sizes[key] = n
+                self._live += n - old
+                entry = self._saved.get(key)
+                if entry is not None:
+                    self._saved_live += n - entry[1]
+                    entry[1] = n
+
     def _release(self, key: int, _ref: weakref.ref) -> None:
         with self._lock:
             self._refs.pop(key, None)
@@ -297,6 +316,10 @@ class MemoryTracker:
         with self._lock:
             if self._live <= self._max["peak"]:
                 return
+            if self._resizable:  # a storage may have shrunk without an operator: recount before a new peak
+                self._recount()
+                if self._live <= self._max["peak"]:
+                    return
             self._max["peak"] = self._live
         if self._modules is not None:
             self.peak_at = {"op": str(func) if func is not None else "(start of the step)", **self._where()}
@@ -326,6 +349,8 @@ class MemoryTracker:
         frozen, f_keys = self._unique_bytes(frozen_tensors, t_keys)
         buffers, b_keys = self._unique_bytes(list(self.model.buffers()), t_keys | f_keys)
         self._weights = t_keys | f_keys | b_keys
+        # sharded (DTensor) parameters: FSDP2, which resizes storages outside the dispatcher
+        self._resizable = any(is_traceable_wrapper_subclass(p) for p in self._params)
         self._bump("parameters_trainable", trainable)
         self._bump("parameters_frozen", frozen)
         self._bump("buffers", buffers)
@@ -367,6 +392,9 @@ class MemoryTracker:
         if keys:
             ref = weakref.ref(saved, partial(self._unsave, keys))
             self._saved_refs[id(ref)] = ref
+            if self._resizable and self._saved_live > self._max["activations"]:
+                with self._lock:
+                    self._recount()
             self._bump("activations", self._saved_live)
         return saved
 
