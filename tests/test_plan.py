@@ -62,6 +62,7 @@ RECIPES = {
     "bert-lora": CLS + ["adapter.kind=lora"],
     "bert-qst": CLS + ["adapter.kind=qst"],
     "bert-mezo": CLS + ["optimizer.kind=mezo"],
+    "bert-tokentune-mean-pooling": CLS + ["tokentune.select=0.5", "pooling=mean"],
 }
 
 

@@ -214,3 +214,24 @@ def test_recipe_run_reports_selection_and_saves_plain_artifacts(tmp_path, adapte
     assert s["train"]["steps"] == 3
     cfg = (tmp_path / "tt" / ("adapter/adapter_config.json" if adapter else "model/config.json")).read_text()
     assert "memtune_tokentune" not in cfg
+
+
+def test_mean_pooling_sees_real_tokens_under_the_two_stream_forward():
+    """pooling=mean: TokenTune hands the model a (B, 1, W, W) attention mask; the pooler averages the
+    real tokens of the permuted streams, so the logits equal the plain model's."""
+    from memtune.gradient.tokentune import active
+    from memtune.pooling import use_mean_pooling
+    from memtune.tasks import model_inputs
+
+    m = model_for("tiny-bert", "classification")
+    plain = copy.deepcopy(m)
+    use_mean_pooling(m)
+    use_mean_pooling(plain)  # (its own hooks: a deep copy's would feed the original's pooler)
+    tt = install(m, "classification", select=0.5)
+    batch = batch_for(m, "classification")
+    new, layout = tt.prepare(batch)
+    assert new["attention_mask"].dim() == 4
+    with active(layout):
+        out = m(**model_inputs(new)).logits
+    ref = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)

@@ -39,8 +39,23 @@ class MeanPooler(nn.Module):
         if self.mask is None:
             m = hidden.new_ones(hidden.shape[:2])
         else:
-            m = self.mask.to(hidden.dtype)  # (B, T)
+            m = token_mask(self.mask).to(hidden.dtype)  # (B, T)
         return (hidden * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1.0)
+
+
+def token_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) real-token mask from the call's attention mask: a (B, T) padding mask as it is. A
+    (B, 1, T, T) mask is TokenTune's two-stream forward (memtune.gradient.tokentune), whose token order
+    is permuted; its real columns are the active layout's `valid` (a mean does not depend on the order)."""
+    if mask.dim() != 4:
+        return mask
+    from .gradient.tokentune import active_valid
+
+    valid = active_valid()
+    if valid is None:
+        raise ConfigError("pooling=mean: the model was called with a 4-D attention mask outside TokenTune's "
+                          "forward; mean pooling needs the (batch, tokens) padding mask")
+    return valid
 
 
 def _pooler_owner(model: nn.Module) -> nn.Module:

@@ -237,6 +237,12 @@ class _State:
 _STATE = _State()
 
 
+def active_valid() -> torch.Tensor | None:
+    """(B, W) real-token mask of the permuted streams being run, or None outside a two-stream forward
+    (what a pooler over the sequence needs; memtune.pooling)."""
+    return _STATE.layout.valid if _STATE.layout is not None else None
+
+
 @contextlib.contextmanager
 def active(layout: Layout):
     prev, _STATE.layout = _STATE.layout, layout
