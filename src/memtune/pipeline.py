@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager
@@ -58,13 +59,22 @@ class Run:
         return contextlib.nullcontext
 
     def param_counts(self) -> dict:
+        """Weights of the model as it was defined: a 4-bit weight counts its (out, in) elements, not
+        the packed bytes that hold them (two codes per byte)."""
         seen, total, trainable = set(), 0, 0
-        for p in self.model.parameters():
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            total += p.numel()
-            trainable += p.numel() if p.requires_grad else 0
+        for module in self.model.modules():
+            int_layer = getattr(module, "is_quantized_linear", False)  # memtune's INT layers (storage/int4.py)
+            for name, p in module.named_parameters(recurse=False):
+                if id(p) in seen or (int_layer and name in ("scales", "zeros")):  # (constants, not weights)
+                    continue
+                seen.add(id(p))
+                shape = getattr(getattr(p, "quant_state", None), "shape", None)  # bitsandbytes: unpacked shape
+                if int_layer and name == "qweight":
+                    n = module.in_features * module.out_features
+                else:
+                    n = math.prod(shape) if shape is not None else p.numel()
+                total += n
+                trainable += n if p.requires_grad else 0
         return {"total": total, "trainable": trainable}
 
     def load_data(self, spec: str, split: str, records: list[Record] | None = None) -> TokenizedData:
