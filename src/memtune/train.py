@@ -239,12 +239,17 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict:
+        done = False
         try:
             self.setup()
-            return self._fit()
+            summary = self._fit()
+            done = True
+            return summary
         finally:
             world = getattr(self, "world", None)
             if world is not None:
+                if done:  # every rank reaches teardown together (a rank's gloo threads torn down while
+                    world.barrier()  # the other still talks to it can abort that process at exit)
                 world.close()
 
     def _fit(self) -> dict:
