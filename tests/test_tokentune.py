@@ -39,13 +39,13 @@ def model_for(name, task, lora=False):
     return m.train()
 
 
-def batch_for(model, task, seed=0):
+def batch_for(model, task, seed=0, length=14):
     g = torch.Generator().manual_seed(seed)
     pad = model.config.pad_token_id
-    ids = torch.randint(3, 250, (3, 14), generator=g)
+    ids = torch.randint(3, 250, (3, length), generator=g)
     am = torch.ones_like(ids)
-    am[1, 10:] = 0
-    am[2, 6:] = 0
+    am[1, length * 5 // 7:] = 0
+    am[2, length * 3 // 7:] = 0
     ids[am == 0] = pad
     if task == "classification":
         return {"input_ids": ids, "attention_mask": am, "label": torch.tensor([0, 1, 1])}
@@ -99,6 +99,7 @@ def test_all_selected_gradients_equal_backprop(name, task, lora):
     tt = install(m, task, select=1.0)
     batch = batch_for(m, task)
     wrapped = tt.wrap(t)
+    assert wrapped._prepared(dict(batch)) is None  # nothing unselected: it runs as plain backprop
     (wrapped.loss_sum(m, dict(batch))[0] / wrapped.count(dict(batch))).backward()
     (t.loss_sum(plain, batch)[0] / t.count(batch)).backward()
     g, ref = grads(m), grads(plain)
@@ -138,12 +139,13 @@ def reference_loss(model, task, batch, sel):
 
 @pytest.mark.parametrize("name, task", ARCHS)
 @pytest.mark.parametrize("recompute", [True, False])
-def test_subset_gradients_equal_detached_reference(name, task, recompute):
+@pytest.mark.parametrize("length", [14, 420])  # 420: >= 128 rows per stream, attention in blocks of rows
+def test_subset_gradients_equal_detached_reference(name, task, recompute, length):
     m = model_for(name, task)
     plain = copy.deepcopy(m)
     t = task_obj(task)
     tt = install(m, task, select=0.4, recompute_attention=recompute)
-    batch = batch_for(m, task, seed=1)
+    batch = batch_for(m, task, seed=1, length=length)
     sel = tt.select(batch)
     assert 0 < int(sel.sum()) < int(batch["attention_mask"].sum())
     new, layout = tt.prepare(batch, sel)
@@ -235,3 +237,29 @@ def test_mean_pooling_sees_real_tokens_under_the_two_stream_forward():
         out = m(**model_inputs(new)).logits
     ref = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_two_streams_run_unless_every_real_token_is_selected():
+    m = model_for("tiny-llama", "causal-lm")
+    batch = batch_for(m, "causal-lm")  # lengths 14, 10, 6
+    for select, dense in ((14, True), (13, False), (1.0, True), (0.99, False)):
+        wrapped = install(m, "causal-lm", select=select).wrap(task_obj("causal-lm"))
+        assert (wrapped._prepared(dict(batch)) is None) == dense, select
+
+
+def test_a_merged_output_splits_back_into_its_parts_without_a_copy():
+    from memtune.gradient.tokentune import _streams
+
+    sel = torch.tensor([[1, 0, 1, 0], [0, 1, 1, 1]], dtype=torch.bool)
+    layout = _streams(sel, torch.ones_like(sel), causal=True)
+    g = torch.randn(2, layout.grad_slice.stop - layout.grad_slice.start, 3, 2, requires_grad=True)
+    c = torch.randn(2, layout.const_slice.stop - layout.const_slice.start, 3, 2)
+    merged = layout.merge(g, c)
+    g2, c2 = layout.split(merged.view(2, layout.width, 6))  # (B, W, H, D) seen as (B, W, H*D)
+    assert g2.data_ptr() == g.data_ptr() and c2.data_ptr() == c.data_ptr()
+    torch.testing.assert_close(g2, merged[:, layout.grad_slice].reshape(g2.shape))
+    layout._last_split = None
+    merged.add_(1.0)  # changed in place since the merge: sliced afresh
+    g3, _ = layout.split(merged.view(2, layout.width, 6))
+    assert g3.data_ptr() != g.data_ptr()
+    torch.testing.assert_close(g3, (g + 1.0).reshape(g3.shape))

@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..data import IGNORE
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelError
 from ..tasks import Task
 
 ATTN_NAME = "memtune_tokentune"
@@ -82,28 +82,28 @@ def select_tokens(attention_mask: torch.Tensor, select: float, always_first: boo
     valid = attention_mask.bool()
     lengths = valid.sum(1)  # (B,)
     B, T = valid.shape
-    sel = torch.zeros(B, T, dtype=torch.bool, device=valid.device)
     if seeds is not None:
         scores = torch.zeros(B, T)
-        for b, L in enumerate(lengths.tolist()):
+        for b, L in enumerate(lengths.tolist()):  # one generator per example: its own seed, its own draw
             scores[b, :L] = torch.rand(L, generator=torch.Generator().manual_seed(int(seeds[b])))
         scores = scores.to(valid.device)
     else:
         scores = torch.rand(B, T, generator=generator, device="cpu").to(valid.device)
-    for b in range(B):
-        L = int(lengths[b])
-        if L == 0:
-            continue
-        n = min(L, int(select)) if select > 1 else max(1, math.floor(select * L))
-        forced = ([0] if always_first else []) + ([L - 1] if always_last and L > 1 else [])
-        forced = sorted(set(forced))[:max(n, 1)]
-        sel[b, forced] = True
-        rest = n - len(forced)
-        if rest > 0:
-            s = scores[b, :L].clone()
-            s[forced] = -1.0  # never re-draw a forced position
-            sel[b, s.topk(rest).indices] = True
-    return sel
+    # n (B,): the number selected; float64 so floor(p * L) is Python's
+    n = lengths.clamp(max=int(select)) if select > 1 else (lengths.double() * select).floor().long().clamp(min=1)
+    n = torch.where(lengths > 0, n, 0)
+    # one ranking per row, all rows at once: forced tokens on top (first above last, so n = 1 keeps
+    # the first), then the uniform scores, then everything outside [0, L)
+    pos = torch.arange(T, device=valid.device)
+    inside = pos[None, :] < lengths[:, None]  # (B, T)
+    scores = torch.where(inside, scores, -1.0)
+    if always_last:
+        scores = torch.where((pos[None, :] == lengths[:, None] - 1) & (lengths[:, None] > 1), 2.0, scores)
+    if always_first:
+        scores[:, 0] = torch.where(lengths > 0, 3.0, scores[:, 0])
+    order = scores.argsort(dim=1, descending=True, stable=True)  # (B, T)
+    rank = torch.empty_like(order).scatter_(1, order, pos.expand(B, T).contiguous())
+    return rank < n[:, None]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -126,48 +126,121 @@ class Layout:
     grad_first: bool
     causal: bool
     recompute_attention: bool = True
-    _last_split: tuple | None = None  # per-forward cache, see split()
+    _last_split: tuple | None = None  # per-forward caches, see split() and merge()
+    _last_merge: tuple | None = None
+    length: int = 0  # T, the original batch's sequence length
+    _masks: dict | None = None  # (rows, dtype) -> attention blocks, see attention_blocks()
+    _inverse: torch.Tensor | None = None  # (B, T), see to_positions()
+    attention_calls: int = 0  # layers whose attention ran through tokentune_attention in this forward
+
+    @property
+    def dense(self) -> bool:
+        """True when no example has an unselected token: the two streams would be plain backprop."""
+        return not bool(self.valid[:, self.const_slice].any())
 
     @property
     def width(self) -> int:
         return self.index.shape[1]
 
-    def allowed(self, rows: slice) -> torch.Tensor:
-        """(B, 1, R, W) bool, True = query column q (in `rows`) may attend to key column k.
+    def _present(self) -> torch.Tensor:
+        """(B, T) bool: original position p holds a real token. An example of padding only gets p = 0,
+        so no query row is ever fully masked."""
+        B, T = self.index.shape[0], self.length
+        where = torch.where(self.valid, self.index, T)
+        present = torch.zeros(B, T + 1, dtype=torch.bool, device=self.index.device).scatter_(1, where, True)[:, :T]
+        present[~present.any(1), 0] = True
+        return present
 
-        Key k must be a real token and, when causal, not after q in the original order. Padding
-        queries see themselves, so no row is fully masked (their outputs are never used).
+    def to_positions(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, D) in layout columns -> (B, H, T, D) in original positions (padding positions read
+        column 0; they are masked as keys). Attention reads keys and values in this order, where
+        the keys a block of queries can see are a prefix (attention_blocks)."""
+        if self._inverse is None:
+            B, T = self.index.shape[0], self.length
+            cols = torch.arange(self.width, device=self.index.device).expand(B, -1)
+            where = torch.where(self.valid, self.index, T)
+            inv = torch.zeros(B, T + 1, dtype=torch.long, device=self.index.device).scatter_(1, where, cols)
+            self._inverse = inv[:, :T]  # (B, T): the column of each original position
+        idx = self._inverse[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])
+        return x.gather(2, idx)
+
+    def attention_blocks(self, rows: slice, dtype: torch.dtype) -> list[tuple[slice, int, torch.Tensor]]:
+        """The attention of query columns `rows` as blocks of rows, each over only the keys it can see.
+
+        Keys are in original position order (to_positions), so a block of queries whose latest
+        position is P (over the batch) sees keys [0, P] only: a prefix, read as a view. Splitting R
+        causal rows into n blocks computes about (n+1)/(2n) of the R x T scores instead of all of
+        them (profile, tiny-llama 512x4, 25%: attention computing every key for every query was 40%
+        of the step; SDPA's CPU and GPU kernels skip masked blocks only for is_causal, which a
+        subset of queries cannot use). Each block: (query rows relative to `rows`, number of keys,
+        additive mask (B, 1, r, keys): 0 where allowed, -inf elsewhere).
+
+        Built once per forward and shared by every layer (profile: rebuilding the mask per layer and
+        again in each recomputation was 13% of the step); the S rows' blocks are kept for the
+        backward's recomputation, the U rows' are dropped when the forward ends (release_forward).
         """
-        pos, ok = self.index, self.valid
-        q_pos = pos[:, rows]  # (B, R)
-        allowed = ok[:, None, :].expand(-1, q_pos.shape[1], -1)  # (B, R, W)
-        if self.causal:
-            allowed = allowed & (pos[:, None, :] <= q_pos[:, :, None])
-        cols = torch.arange(self.width, device=pos.device)[rows]  # (R,)
-        own = cols[:, None] == torch.arange(self.width, device=pos.device)[None, :]  # (R, W)
-        allowed = allowed | (own[None] & ~ok[:, rows, None])
-        return allowed[:, None]
+        key = (rows.start, rows.stop, dtype)
+        self._masks = self._masks if self._masks is not None else {}
+        if key in self._masks:
+            return self._masks[key]
+        zero = torch.zeros((), dtype=dtype, device=self.index.device)
+        present = self._present()  # (B, T)
+        R, T = rows.stop - rows.start, self.length
+        if not self.causal:  # every query sees every real key: one broadcast row
+            mask = torch.where(present[:, None, None, :], zero, float("-inf"))  # (B, 1, 1, T)
+            self._masks[key] = [(slice(0, R), T, mask.expand(-1, -1, R, -1))]
+            return self._masks[key]
+        n = max(1, min(4, R // 64))
+        # padding queries stand at position 0, which is always present: no row is ever empty
+        q_pos = torch.where(self.valid[:, rows], self.index[:, rows], 0)  # (B, R)
+        p = torch.arange(T, device=self.index.device)
+        real = torch.where(present, zero, float("-inf"))[:, None, None, :]  # (B, 1, 1, T)
+        blocks = []
+        for i in range(n):
+            r0, r1 = i * R // n, (i + 1) * R // n
+            keys = int(q_pos[:, r0:r1].max()) + 1
+            causal = p[None, None, None, :keys] <= q_pos[:, None, r0:r1, None]  # (B, 1, r, keys)
+            blocks.append((slice(r0, r1), keys, torch.where(causal, real[..., :keys], float("-inf"))))
+        self._masks[key] = blocks
+        return blocks
 
-    def additive_mask(self, rows: slice, dtype: torch.dtype) -> torch.Tensor:
-        """allowed(rows) as an additive (B, 1, R, W) mask: 0 where allowed, -inf elsewhere."""
-        return torch.zeros((), dtype=dtype, device=self.index.device).masked_fill(~self.allowed(rows), float("-inf"))
+    def release_forward(self) -> None:
+        """Drop what only the forward needs: the split/merge caches and the U rows' masks."""
+        self._last_split = self._last_merge = None
+        grad = (self.grad_slice.start, self.grad_slice.stop)
+        self._masks = {k: v for k, v in (self._masks or {}).items() if k[:2] == grad}
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, W, ...) -> the S and U columns, contiguous (GPT-2's Conv1D views its input).
 
         Consecutive calls on the same tensor (Q, K and V projections of one hidden state) share one
         copy, so autograd keeps one saved input instead of three.
+
+        The output of the last merge() (or a same-shaped view of it, as (B, W, H, D) -> (B, W, H*D))
+        splits back into the parts it was made of, without a copy: a per-token module's output that
+        feeds the next per-token module (norm -> Q/K/V, attention -> O, norm -> MLP) is never
+        re-sliced. Gradients are the same: the merged tensor was only their concatenation.
         """
         last = self._last_split
         if last is not None and last[0] is x and last[1] == x._version:
             return last[2], last[3]
-        g, c = x[:, self.grad_slice].contiguous(), x[:, self.const_slice].contiguous()
+        merged = self._last_merge
+        if (merged is not None and merged[1] == x._version and x.data_ptr() == merged[0].data_ptr()
+                and x.dtype == merged[0].dtype and x.numel() == merged[0].numel()
+                and x.shape[:2] == merged[0].shape[:2] and x.is_contiguous()):
+            rest = x.shape[2:]
+            g, c = (merged[2].reshape(*merged[2].shape[:2], *rest), merged[3].reshape(*merged[3].shape[:2], *rest))
+        else:
+            g, c = x[:, self.grad_slice].contiguous(), x[:, self.const_slice].contiguous()
         self._last_split = (x, x._version, g, c)
         return g, c
 
-    def merge(self, grad_part: torch.Tensor, const_part: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    def merge(self, grad_part: torch.Tensor, const_part: torch.Tensor) -> torch.Tensor:
+        """(B, Ws, ...) and (B, Wu, ...) -> (B, W, ...) in the layout's column order."""
         parts = (grad_part, const_part) if self.grad_first else (const_part, grad_part)
-        return torch.cat(parts, dim=dim)
+        out = torch.cat(parts, dim=1)
+        self._last_merge = (out, out._version, grad_part, const_part)
+        return out
 
 
 def _streams(sel: torch.Tensor, valid: torch.Tensor, causal: bool) -> Layout:
@@ -177,25 +250,27 @@ def _streams(sel: torch.Tensor, valid: torch.Tensor, causal: bool) -> Layout:
     after the loss's one-step shift.
     """
     grad_first, extra = not causal, 1 if causal else 0
-    B, T = sel.shape
-    s_idx = [torch.nonzero(sel[b] & valid[b]).flatten() for b in range(B)]
-    u_idx = [torch.nonzero(~sel[b] & valid[b]).flatten() for b in range(B)]
-    ws = max(int(x.numel()) for x in s_idx)
-    wu = max(int(x.numel()) for x in u_idx)
-    width = ws + wu + extra
-    index = torch.zeros(B, width, dtype=torch.long, device=sel.device)
-    ok = torch.zeros(B, width, dtype=torch.bool, device=sel.device)
-    s0, u0 = (0, ws) if grad_first else (wu, 0)
-    for b in range(B):
-        index[b, s0:s0 + s_idx[b].numel()] = s_idx[b]
-        ok[b, s0:s0 + s_idx[b].numel()] = True
-        index[b, u0:u0 + u_idx[b].numel()] = u_idx[b]
-        ok[b, u0:u0 + u_idx[b].numel()] = True
-    grad_slice = slice(s0, s0 + ws)
-    const_slice = slice(u0, u0 + wu)
-    if not grad_first:  # the extra columns sit after S and belong to the gradient stream
-        grad_slice = slice(s0, width)
-    return Layout(index, ok, grad_slice, const_slice, grad_first, causal)
+    in_s, in_u = sel & valid, ~sel & valid  # (B, T)
+
+    def packed(members: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) bool -> each row's member positions in ascending order, left-packed, (B, w) index and
+        (B, w) validity, w = the batch's largest count. A stable sort on 'not a member' does it."""
+        counts = members.sum(1)
+        w = int(counts.max()) if members.numel() else 0
+        order = (~members).to(torch.uint8).argsort(dim=1, stable=True)[:, :w]
+        ok = torch.arange(w, device=members.device)[None, :] < counts[:, None]
+        return torch.where(ok, order, 0), ok
+
+    (s_index, s_ok), (u_index, u_ok) = packed(in_s), packed(in_u)
+    ws, wu = s_index.shape[1], u_index.shape[1]
+    pad = torch.zeros(sel.shape[0], extra, dtype=torch.long, device=sel.device)
+    if grad_first:  # [S | U]
+        index, ok = torch.cat([s_index, u_index], 1), torch.cat([s_ok, u_ok], 1)
+        grad_slice, const_slice = slice(0, ws), slice(ws, ws + wu)
+    else:  # [U | S | extra]: the extra columns belong to the gradient stream
+        index, ok = torch.cat([u_index, s_index, pad], 1), torch.cat([u_ok, s_ok, pad.bool()], 1)
+        grad_slice, const_slice = slice(wu, wu + ws + extra), slice(0, wu)
+    return Layout(index, ok, grad_slice, const_slice, grad_first, causal, length=sel.shape[1])
 
 
 def permute_batch(batch: dict, sel: torch.Tensor, causal: bool, pad_id: int) -> tuple[dict, Layout]:
@@ -208,7 +283,10 @@ def permute_batch(batch: dict, sel: torch.Tensor, causal: bool, pad_id: int) -> 
     out = {"input_ids": gather(batch["input_ids"], pad_id), "position_ids": torch.where(ok, idx, 0)}
     if "token_type_ids" in batch:
         out["token_type_ids"] = gather(batch["token_type_ids"], 0)
-    out["attention_mask"] = layout.allowed(slice(0, layout.width))  # (B, 1, W, W) bool, True = attend
+    # (B, 1, W, W), an expanded view of the real-token columns: transformers passes a 4D mask through
+    # untouched, and TokenTune's attention function builds its own (attention_blocks); the forward
+    # checks that every attention layer went through it (TokenTuneTask.loss_sum)
+    out["attention_mask"] = ok[:, None, None, :].expand(-1, 1, layout.width, -1)
     if "labels" in batch:
         # target of the token in column j = labels[pos_j + 1]; stored at column j + 1 for the loss's shift
         labels = batch["labels"]
@@ -250,7 +328,7 @@ def active(layout: Layout):
         yield
     finally:
         _STATE.layout = prev
-        layout._last_split = None  # drop the per-forward cache
+        layout.release_forward()
 
 
 PER_TOKEN_LEAVES = (nn.Linear, nn.LayerNorm, nn.Dropout, nn.Identity)
@@ -321,7 +399,7 @@ def _post_hook(module, args, kwargs, output):
     module._tokentune_const = None
     with torch.no_grad():
         out_const = module.forward(*const[0], **const[1])
-    return _STATE.layout.merge(output, out_const, dim=1)
+    return _STATE.layout.merge(output, out_const)
 
 
 def tokentune_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -334,13 +412,18 @@ def tokentune_attention(module, query, key, value, attention_mask, dropout: floa
         name = _STATE.fallback.get(id(module.config), "sdpa")
         return ALL_ATTENTION_FUNCTIONS[name](module, query, key, value, attention_mask, dropout=dropout,
                                              scaling=scaling, **kwargs)
-    # The mask comes from the layout (the same one permute_batch gave the model), built per call.
+    # the masks come from the layout (the model's own attention_mask is a stand-in, see permute_batch)
+    layout.attention_calls += 1
     gqa = query.shape[1] != key.shape[1]
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: slice) -> torch.Tensor:
-        mask = layout.additive_mask(rows, q.dtype)  # (B, 1, R, W)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling,
-                                              enable_gqa=gqa)
+        """q (B, H, R, D) for query columns `rows`; k, v (B, Hkv, T, D) in original positions."""
+        outs = [F.scaled_dot_product_attention(q[:, :, q_rows], k[:, :, :keys], v[:, :, :keys], attn_mask=mask,
+                                               dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+                for q_rows, keys, mask in layout.attention_blocks(rows, q.dtype)]  # mask (B, 1, r, keys)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (B, H, R, D)
+
+    key, value = layout.to_positions(key), layout.to_positions(value)  # (B, Hkv, T, D)
 
     # a contiguous copy of the S rows: a view would keep the whole (B, H, W, D) query alive for backward
     q_grad = query[:, :, layout.grad_slice].contiguous()
@@ -351,7 +434,8 @@ def tokentune_attention(module, query, key, value, attention_mask, dropout: floa
         out_grad = attend(q_grad, key, value, layout.grad_slice)
     with torch.no_grad():
         out_const = attend(query[:, :, layout.const_slice], key, value, layout.const_slice)
-    return layout.merge(out_grad, out_const, dim=2).transpose(1, 2).contiguous(), None
+    # merged as (B, W, H, D): the cat writes the transposed layout the caller wants, no extra copy
+    return layout.merge(out_grad.transpose(1, 2), out_const.transpose(1, 2)), None
 
 
 def _register_attention() -> None:
@@ -424,10 +508,15 @@ class TokenTuneTask(Task):
         self.eval_stats = task.eval_stats
 
     def _prepared(self, batch: dict) -> tuple[dict, Layout] | None:
+        """The two-stream batch and its layout; None in evaluation, and when every real token is
+        selected (100%, or sequences no longer than k): that is plain backprop, exactly, and runs as
+        plain backprop, without the streams' splits, merges and masked attention."""
         if not self.tt.model.training:
             return None
         if self.KEY not in batch:  # selection is drawn once per micro-batch, shared by count and loss
-            batch[self.KEY] = self.tt.prepare(batch)
+            sel = self.tt.select(batch)
+            dense = bool((sel | ~batch["attention_mask"].bool()).all())
+            batch[self.KEY] = None if dense else self.tt.prepare(batch, sel)
         return batch[self.KEY]
 
     def count(self, batch: dict) -> int:
@@ -440,10 +529,15 @@ class TokenTuneTask(Task):
     def loss_sum(self, model: nn.Module, batch: dict):
         prepared = self._prepared(batch)
         if prepared is None:
-            return self.task.loss_sum(model, batch)
+            return self.task.loss_sum(model, {k: v for k, v in batch.items() if k != self.KEY})
         new_batch, layout = prepared
+        layout.attention_calls = 0
         with active(layout):
-            return self.task.loss_sum(model, new_batch)
+            out = self.task.loss_sum(model, new_batch)
+        if layout.attention_calls == 0:
+            raise ModelError(f"tokentune: {type(model).__name__} ran its attention outside transformers' attention "
+                             f"interface, so the two-stream forward cannot apply; train it without tokentune")
+        return out
 
     def finish_eval(self, total: float, count: int, stats: dict) -> dict:
         return self.task.finish_eval(total, count, stats)
