@@ -2,10 +2,11 @@
 
     python benchmarks/tokentune_memory.py
 
-For each model (tiny-llama at sequence 512, pretrained MiniLM at 128) and each trainable set
+For each model (tiny-llama at sequence 512, pretrained MiniLM at 128, and MiniLM on ragged SST-2-length
+batches: 32 sentences of 8..48 tokens) and each trainable set
 (full, LoRA r=8 all-linear), one AdamW step is measured by memtune's tracker with every token
 backpropagated, and with TokenTune selecting 100%, 50%, 25%, 10% and k=16 tokens per example.
-Same model weights, same batch. Writes benchmarks/results/tokentune_memory.json and
+Same model weights, same batch. Step time: median of --rounds interleaved rounds of all settings. Writes benchmarks/results/tokentune_memory.json and
 tokentune_memory.png.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,13 +37,21 @@ SETTINGS = [("backprop", None, True), ("tokentune 100%", 1.0, True), ("tokentune
             ("tokentune 25%", 0.25, True), ("tokentune 10%", 0.10, True), ("tokentune k=16", 16, True),
             ("tokentune 25%, no recompute", 0.25, False)]
 MODELS = {"tiny-llama": ("causal-lm", 512, 4), "minilm": ("classification", 128, 16),
-          "llama-1b": ("causal-lm", 1024, 4)}
+          "llama-1b": ("causal-lm", 1024, 4),
+          # short sentences as in SST-2 (~25 tokens): lengths 8..48, padded to 48, where k=16 keeps most tokens
+          "minilm-short": ("classification", 48, 32)}
+RAGGED = {"minilm-short": 8}  # shortest length of a ragged batch
 
 
-def batch_for(task: str, seq: int, bs: int, vocab: int) -> dict:
+def batch_for(task: str, seq: int, bs: int, vocab: int, shortest: int | None = None) -> dict:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, vocab, (bs, seq), generator=g)
-    b = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    mask = torch.ones_like(ids)
+    if shortest is not None:  # right-padded, lengths uniform in [shortest, seq]
+        lengths = torch.randint(shortest, seq + 1, (bs,), generator=g)
+        mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+        ids = ids * mask
+    b = {"input_ids": ids, "attention_mask": mask}
     if task == "classification":
         b["label"] = torch.randint(0, 2, (bs,), generator=g)
     else:
@@ -49,7 +59,7 @@ def batch_for(task: str, seq: int, bs: int, vocab: int) -> dict:
     return b
 
 
-def measure(base, task_name: str, adapter: str, select, recompute: bool, batch: dict, device, ctx) -> dict:
+def setup(base, task_name: str, adapter: str, select, recompute: bool, device):
     model = copy.deepcopy(base).to(device).train()
     if adapter == "lora":
         ADAPTERS.get("lora")(LoraConfig(r=8, alpha=16, targets=["all-linear"]), task_name).attach(model)
@@ -60,34 +70,48 @@ def measure(base, task_name: str, adapter: str, select, recompute: bool, batch: 
                        model.config.pad_token_id or 0, task_name)
         task = tt.wrap(task)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    tracker = MemoryTracker(model, opt)
+    return model, task, opt
 
-    def step():
-        accumulate_gradients(model, task, [dict(batch)], ctx)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(device)
 
-    torch.manual_seed(0)
-    for _ in range(2):  # step 2 is the steady state (gradients and optimizer state exist)
-        with tracker.measure(*batch.values()):
-            step()
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    report = {**tracker.report().to_dict(), "step_seconds": sorted(times)[1]}
-    del model, opt, tracker
+def step(model, task, opt, batch: dict, device, ctx) -> None:
+    accumulate_gradients(model, task, [dict(batch)], ctx)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sync(device)
+
+
+def measure_group(base, task_name: str, adapter: str, batch: dict, device, ctx, rounds: int) -> list[dict]:
+    """Every setting of one (model, trainable set): memory from two tracked steps each (step 2 is the
+    steady state), then step time as the median of `rounds` interleaved rounds over all settings, the
+    order rotated each round, so drifts of the machine hit every setting alike."""
+    setups = [setup(base, task_name, adapter, select, recompute, device) for _, select, recompute in SETTINGS]
+    reports = []
+    for model, task, opt in setups:
+        tracker = MemoryTracker(model, opt)
+        torch.manual_seed(0)
+        for _ in range(2):
+            with tracker.measure(*batch.values()):
+                step(model, task, opt, batch, device, ctx)
+        reports.append(tracker.report().to_dict())
+    times = [[] for _ in setups]
+    n = len(setups)
+    for i in range(rounds + 1):  # round 0 warms up
+        for j in list(range(n))[i % n:] + list(range(n))[:i % n]:
+            t0 = time.perf_counter()
+            step(*setups[j], batch, device, ctx)
+            if i:
+                times[j].append(time.perf_counter() - t0)
+    del setups
     release(device)
-    return report
+    return [{**r, "step_seconds": statistics.median(t), "step_seconds_all": t} for r, t in zip(reports, times)]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="tiny-llama,minilm")
+    ap.add_argument("--models", default="tiny-llama,minilm,minilm-short")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds per (model, trainable set)")
     args = ap.parse_args()
     device = pick_device(args.device)
     ctx = autocast(device, args.precision)
@@ -98,12 +122,14 @@ def main() -> None:
         if name == "llama-1b":
             base = llama_sized(name)
         else:
-            base = load_model(name, task_name, ["neg", "pos"] if task_name == "classification" else None).model
-        batch = {k: v.to(device) for k, v in batch_for(task_name, seq, bs, base.config.vocab_size).items()}
+            base = load_model(name.removesuffix("-short"), task_name,
+                              ["neg", "pos"] if task_name == "classification" else None).model
+        batch = batch_for(task_name, seq, bs, base.config.vocab_size, RAGGED.get(name))
+        batch = {k: v.to(device) for k, v in batch.items()}
         for adapter in ("full", "lora"):
             ref = None
-            for label, select, recompute in SETTINGS:
-                m = measure(base, task_name, adapter, select, recompute, batch, device, ctx)
+            for (label, select, recompute), m in zip(SETTINGS, measure_group(base, task_name, adapter, batch,
+                                                                              device, ctx, args.rounds)):
                 ref = ref or m
                 rows.append({"model": name, "seq": seq, "batch": bs, "adapter": adapter, "setting": label,
                              "select": select, "recompute_attention": recompute, **m,

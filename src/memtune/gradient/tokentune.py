@@ -161,10 +161,12 @@ class Layout:
             where = torch.where(self.valid, self.index, T)
             inv = torch.zeros(B, T + 1, dtype=torch.long, device=self.index.device).scatter_(1, where, cols)
             self._inverse = inv[:, :T]  # (B, T): the column of each original position
-        idx = self._inverse[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])
-        return x.gather(2, idx)
+        # advanced indexing, not gather: gather's backward keeps its whole input alive, indexing's keeps
+        # only the (B, T) indices
+        rows = torch.arange(x.shape[0], device=x.device)[:, None]  # (B, 1)
+        return x.transpose(1, 2)[rows, self._inverse].transpose(1, 2).contiguous()  # (B, T, H, D) -> (B, H, T, D)
 
-    def attention_blocks(self, rows: slice, dtype: torch.dtype) -> list[tuple[slice, int, torch.Tensor]]:
+    def attention_blocks(self, rows: slice) -> list[tuple[slice, int, torch.Tensor]]:
         """The attention of query columns `rows` as blocks of rows, each over only the keys it can see.
 
         Keys are in original position order (to_positions), so a block of queries whose latest
@@ -173,34 +175,32 @@ class Layout:
         them (profile, tiny-llama 512x4, 25%: attention computing every key for every query was 40%
         of the step; SDPA's CPU and GPU kernels skip masked blocks only for is_causal, which a
         subset of queries cannot use). Each block: (query rows relative to `rows`, number of keys,
-        additive mask (B, 1, r, keys): 0 where allowed, -inf elsewhere).
+        bool mask (B, 1, r or 1, keys), True = may attend).
 
-        Built once per forward and shared by every layer (profile: rebuilding the mask per layer and
-        again in each recomputation was 13% of the step); the S rows' blocks are kept for the
+        Built once per forward and shared by every layer (profile: rebuilding the masks per layer and
+        again in each recomputation was 13% of the step); kept as bool (a byte per score; the float
+        form SDPA takes is made per call, one block at a time). The S rows' blocks are kept for the
         backward's recomputation, the U rows' are dropped when the forward ends (release_forward).
         """
-        key = (rows.start, rows.stop, dtype)
+        key = (rows.start, rows.stop)
         self._masks = self._masks if self._masks is not None else {}
         if key in self._masks:
             return self._masks[key]
-        zero = torch.zeros((), dtype=dtype, device=self.index.device)
         present = self._present()  # (B, T)
         R, T = rows.stop - rows.start, self.length
-        if not self.causal:  # every query sees every real key: one broadcast row
-            mask = torch.where(present[:, None, None, :], zero, float("-inf"))  # (B, 1, 1, T)
-            self._masks[key] = [(slice(0, R), T, mask.expand(-1, -1, R, -1))]
+        if not self.causal:  # every query sees every real key: one row, broadcast
+            self._masks[key] = [(slice(0, R), T, present[:, None, None, :])]
             return self._masks[key]
-        n = max(1, min(4, R // 64))
+        n = max(1, min(8, R // 64))
         # padding queries stand at position 0, which is always present: no row is ever empty
         q_pos = torch.where(self.valid[:, rows], self.index[:, rows], 0)  # (B, R)
         p = torch.arange(T, device=self.index.device)
-        real = torch.where(present, zero, float("-inf"))[:, None, None, :]  # (B, 1, 1, T)
         blocks = []
         for i in range(n):
             r0, r1 = i * R // n, (i + 1) * R // n
             keys = int(q_pos[:, r0:r1].max()) + 1
             causal = p[None, None, None, :keys] <= q_pos[:, None, r0:r1, None]  # (B, 1, r, keys)
-            blocks.append((slice(r0, r1), keys, torch.where(causal, real[..., :keys], float("-inf"))))
+            blocks.append((slice(r0, r1), keys, causal & present[:, None, None, :keys]))
         self._masks[key] = blocks
         return blocks
 
@@ -418,9 +418,11 @@ def tokentune_attention(module, query, key, value, attention_mask, dropout: floa
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: slice) -> torch.Tensor:
         """q (B, H, R, D) for query columns `rows`; k, v (B, Hkv, T, D) in original positions."""
-        outs = [F.scaled_dot_product_attention(q[:, :, q_rows], k[:, :, :keys], v[:, :, :keys], attn_mask=mask,
+        zero = torch.zeros((), dtype=q.dtype, device=q.device)
+        outs = [F.scaled_dot_product_attention(q[:, :, q_rows], k[:, :, :keys], v[:, :, :keys],
+                                               attn_mask=torch.where(allowed, zero, float("-inf")),  # (B, 1, r, keys)
                                                dropout_p=dropout, scale=scaling, enable_gqa=gqa)
-                for q_rows, keys, mask in layout.attention_blocks(rows, q.dtype)]  # mask (B, 1, r, keys)
+                for q_rows, keys, allowed in layout.attention_blocks(rows)]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (B, H, R, D)
 
     key, value = layout.to_positions(key), layout.to_positions(value)  # (B, Hkv, T, D)
