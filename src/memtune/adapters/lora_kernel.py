@@ -13,7 +13,9 @@ forward; dy*s (N, d_out) and the sum of the two input gradients (N, d_in) in the
 the saved tensors are the same (x, u and the weights), so memory does not change. Exact up to
 floating-point rounding (the equality tests hold it to PEFT's output and gradients).
 
-Used by `LoraLinear` when the base is a plain nn.Linear or GPT-2 Conv1D (no hooks of its own) whose
+NOT YET WIRED INTO LoraLinear: under `memtune plan` the fake weights fail `fusable`'s checks, so the
+plan would take the module path while the run takes this one (plan != measured peak). To be used by
+`LoraLinear` once that is resolved, when the base is a plain nn.Linear or GPT-2 Conv1D (no hooks of its own) whose
 weight, the adapter and the input share one dtype, outside autocast, without dropout, and with
 gradients enabled; anything else (quantized bases, mixed dtypes, autocast, dropout) takes the
 module path, which is PEFT's arithmetic.
