@@ -134,11 +134,6 @@ class Layout:
     attention_calls: int = 0  # layers whose attention ran through tokentune_attention in this forward
 
     @property
-    def dense(self) -> bool:
-        """True when no example has an unselected token: the two streams would be plain backprop."""
-        return not bool(self.valid[:, self.const_slice].any())
-
-    @property
     def width(self) -> int:
         return self.index.shape[1]
 
