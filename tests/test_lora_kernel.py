@@ -24,10 +24,25 @@ def test_fused_equals_module_path(bias, input_grad):
     x_ref = x.detach().clone().requires_grad_(input_grad)
     assert fusable(layer, x) and not fusable(ref, x_ref)
     g = torch.randn(2, 5, 7)
-    (fused_lora(layer, x) * g).sum().backward()
+    out = layer(x)
+    assert type(out.grad_fn).__name__ == "_FusedLoraBackward"  # LoraLinear takes the fused node
+    (out * g).sum().backward()
     (ref(x_ref) * g).sum().backward()
     torch.testing.assert_close(fused_lora(layer, x), ref(x_ref))
     torch.testing.assert_close(layer.lora_A.weight.grad, ref.lora_A.weight.grad)
     torch.testing.assert_close(layer.lora_B.weight.grad, ref.lora_B.weight.grad)
     if input_grad:
         torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_planning_takes_the_same_path_as_the_run():
+    """Under `memtune plan` the weights are fake parameters; the plan must see the fused node the run uses."""
+    from memtune.memory.planning import planning, settle
+
+    with planning():
+        layer = LoraLinear(nn.Linear(12, 7, device="meta"), r=3, alpha=6.0)  # how a planned model is built
+        layer.base_layer.requires_grad_(False)
+        settle(layer)
+        assert type(layer.base_layer.weight) is not nn.Parameter  # a fake tensor marked as a parameter
+        out = layer(torch.randn(2, 5, 12))
+        assert type(out.grad_fn).__name__ == "_FusedLoraBackward"

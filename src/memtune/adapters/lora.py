@@ -28,6 +28,7 @@ from torch import nn
 from ..errors import ConfigError, ModelError
 from ..recipe import AdapterConfig
 from .base import ADAPTERS, AdapterMethod, DeltaLayer, disabled_adapters, set_trainable  # noqa: F401  (re-export)
+from .lora_kernel import fusable, fused_lora
 from .peft_format import TASK_TYPES, copy_tensors, read_adapter, write_adapter
 from .targets import match_targets, set_submodule
 
@@ -95,6 +96,8 @@ class LoraLinear(DeltaLayer):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.merged or self.disabled) and fusable(self, x):  # training over a plain base: one node
+            return fused_lora(self, x)
         y = self.base_layer(x)
         if self.merged or self.disabled:
             return y

@@ -13,18 +13,22 @@ forward; dy*s (N, d_out) and the sum of the two input gradients (N, d_in) in the
 the saved tensors are the same (x, u and the weights), so memory does not change. Exact up to
 floating-point rounding (the equality tests hold it to PEFT's output and gradients).
 
-NOT YET WIRED INTO LoraLinear: under `memtune plan` the fake weights fail `fusable`'s checks, so the
-plan would take the module path while the run takes this one (plan != measured peak). To be used by
-`LoraLinear` once that is resolved, when the base is a plain nn.Linear or GPT-2 Conv1D (no hooks of its own) whose
+Used by `LoraLinear` when the base is a plain nn.Linear or GPT-2 Conv1D (no hooks of its own) whose
 weight, the adapter and the input share one dtype, outside autocast, without dropout, and with
 gradients enabled; anything else (quantized bases, mixed dtypes, autocast, dropout) takes the
-module path, which is PEFT's arithmetic.
+module path, which is PEFT's arithmetic. Sharded (DTensor) weights take the module path too; under
+`memtune plan` the weights are fake tensors marked as parameters and take this path, as the run does.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed
+    DTensor = None
 
 
 class _FusedLora(torch.autograd.Function):
@@ -63,7 +67,11 @@ def fusable(layer: nn.Module, x: torch.Tensor) -> bool:
     if w.requires_grad or (base.bias is not None and base.bias.requires_grad):
         return False
     return (x.dtype == w.dtype == a.dtype and torch.is_grad_enabled()
-            and not torch.is_autocast_enabled(x.device.type) and type(w) is nn.Parameter)
+            and not torch.is_autocast_enabled(x.device.type) and not _sharded(w) and not _sharded(a))
+
+
+def _sharded(t: torch.Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
 
 
 def fused_lora(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
