@@ -1,9 +1,14 @@
-"""Full fine-tuning vs memtune-LoRA vs PEFT-LoRA: same model, same batch, same loss code, one process.
+"""Full fine-tuning vs memtune-LoRA vs PEFT-LoRA vs the frozen-base limit: same model, same batch, same
+loss code, one process.
 
     python benchmarks/lora_vs_peft.py [--model llama-small|llama-1b|minilm|tiny-llama] [--rounds 15]
                                       [--device auto|cpu|cuda] [--precision fp32|bf16]
 
 Each method gets an identical copy of the model, the same AdamW settings and the same batch.
+"frozen-limit" is the physical limit of any LoRA step (issue 20): the same model with every weight
+frozen and only the input embeddings' output requiring grad, so its step is the frozen forward plus
+the backward to the inputs through every layer, with no weight gradients and no optimizer. A LoRA
+step adds only the adapter's own matmuls (~2r/d of the base's FLOPs) and its AdamW update.
 Memory is measured by memtune's tracker for all three (the same instrument), over two optimizer
 steps. Step time is the median over `rounds` interleaved rounds of all three methods
 after warm-up, in an order rotated each round, so slow drifts of the machine and the cost of
@@ -57,6 +62,12 @@ def prepare(kind: str, base, peft_task: str, r: int, targets, device):
     import peft
 
     model = copy.deepcopy(base)
+    if kind == "frozen-limit":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        # the embeddings' output becomes a leaf that requires grad: backward reaches every layer's input
+        model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.detach().requires_grad_())
+        return model.to(device).train(), None
     if kind == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -74,8 +85,9 @@ def prepare(kind: str, base, peft_task: str, r: int, targets, device):
 
 def step(model, opt, task, batch, ctx=contextlib.nullcontext) -> None:
     accumulate_gradients(model, task, [batch], ctx)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    if opt is not None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
 
 def main() -> None:
@@ -96,7 +108,7 @@ def main() -> None:
     base, task, peft_task = make(args.model)
     vocab = base.config.vocab_size
     batch = {k: v.to(device) for k, v in batch_for(task, vocab, args.batch, args.seq).items()}
-    kinds = ["memtune-lora", "peft-lora", "full"]
+    kinds = ["memtune-lora", "peft-lora", "frozen-limit", "full"]
     setups = {k: prepare(k, base, peft_task, args.r, targets, device) for k in kinds}
     memory = {}
     for k, (model, opt) in setups.items():
@@ -114,7 +126,7 @@ def main() -> None:
     for i in range(args.rounds):
         # rotate the order each round: whichever method follows full FT's large free pays the
         # allocator's page faults, so every method takes every position equally often
-        for k in kinds[i % 3:] + kinds[:i % 3]:
+        for k in kinds[i % len(kinds):] + kinds[:i % len(kinds)]:
             t0 = time.perf_counter()
             step(*setups[k], task, batch, ctx)
             sync(device)
@@ -124,6 +136,8 @@ def main() -> None:
     rows = [{"method": k, "trainable": trainable[k], "step_seconds_median": median[k],
              "step_seconds": times[k], "memory_bytes": memory[k]} for k in kinds]
     ratio = median["memtune-lora"] / median["peft-lora"]
+    ratio_limit = median["memtune-lora"] / median["frozen-limit"]
+    ratio_peft_limit = median["peft-lora"] / median["frozen-limit"]
     print(f"model {args.model} on {device} ({args.precision}), batch {args.batch} x seq {args.seq}, "
           f"LoRA r={args.r} on {args.targets}, median of {args.rounds} interleaved rounds\n")
     print(table(["method", "trainable", "step s (median)", "params MiB", "grads MiB", "optim MiB", "activ MiB",
@@ -131,9 +145,12 @@ def main() -> None:
                 [[r["method"], f"{r['trainable']:,}", f"{r['step_seconds_median']:.4f}",
                   *(mib(r["memory_bytes"][c]) for c in ("parameters", "gradients", "optimizer", "activations",
                                                          "peak"))] for r in rows]))
-    print(f"\nstep time memtune/PEFT = {ratio:.3f}")
+    print(f"\nstep time memtune/PEFT = {ratio:.3f} (target <= 0.95), memtune/limit = {ratio_limit:.3f} "
+          f"(target <= 1.1), PEFT/limit = {ratio_peft_limit:.3f}")
     suffix = "-cuda" if device.type == "cuda" else ""
-    path = save(f"lora_vs_peft-{args.model}{suffix}", {"args": vars(args), "rows": rows, "ratio_memtune_over_peft": ratio})
+    path = save(f"lora_vs_peft-{args.model}{suffix}", {"args": vars(args), "rows": rows, "ratio_memtune_over_peft": ratio,
+                                                         "ratio_memtune_over_limit": ratio_limit,
+                                                         "ratio_peft_over_limit": ratio_peft_limit})
     print(f"wrote {path}")
 
 

@@ -131,3 +131,21 @@ def test_the_step_peak_holds_no_full_logits(tmp_path):
         logits_bytes = n * 32000 * 4
     assert peaks[False].peak - peaks[True].peak > 2 * logits_bytes  # logits, log-softmax, their gradient
     assert peaks[False].activations - peaks[True].activations > 0.9 * logits_bytes  # no log-softmax (N, V) kept
+
+
+def test_a_wrapped_model_runs_its_own_forward():
+    # a peft.PeftModel forwards attribute lookups to the model it wraps (config, base_model_prefix,
+    # get_output_embeddings), but its `.model` is the whole causal LM, not the body: it is not fused
+    import peft
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=4))
+    assert fused_head(base) is not None and fused_head(base)[0] is base.model
+    wrapped = peft.get_peft_model(base, peft.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"]))
+    assert fused_head(wrapped) is None and fused_head(wrapped.get_base_model()) is not None
+    ids = torch.randint(0, 64, (2, 9))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    losses = [CausalLMTask().loss_sum(m, batch)[0] for m in (wrapped, wrapped.get_base_model())]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)

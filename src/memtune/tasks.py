@@ -44,14 +44,22 @@ def _forward_takes(cls: type, name: str) -> bool:
 PLAIN_LM_HEADS = ("llama", "mistral", "qwen2", "opt", "gpt2")
 
 
-def fused_head(model: nn.Module) -> nn.Linear | None:
-    """The model's output head when its logits can be computed outside its forward, else None."""
-    if getattr(model.config, "model_type", None) not in PLAIN_LM_HEADS or not model.base_model_prefix:
+def fused_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """(body, head) when the model's logits are `head(body(...).last_hidden_state)` and can be computed
+    outside its forward, else None. Only a transformers causal LM of a plain-head family qualifies: a
+    wrapper (e.g. a `peft.PeftModel`, whose attributes forward to the model it wraps) is not one, so its
+    own forward runs."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel) or getattr(model.config, "model_type", None) not in PLAIN_LM_HEADS:
         return None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    body = getattr(model, model.base_model_prefix or "", None)
+    if not isinstance(body, PreTrainedModel) or body is model:
+        return None
+    head = model.get_output_embeddings()
     if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks:
         return None  # e.g. a quantized or wrapped head, or one whose calls are hooked (TokenTune)
-    return head
+    return body, head
 
 
 class Task(ABC):
@@ -128,9 +136,10 @@ class CausalLMTask(Task):
         keep = labels != IGNORE
         # columns before the first target (prompts; TokenTune's unselected stream) need no logits:
         # the model computes the LM head only for columns first..T-1 (transformers' logits_to_keep)
-        head = fused_head(model) if self.chunked else None
-        if head is not None:  # hidden states only; the head's logits a chunk at a time (memtune.linear_ce)
-            hidden = model.base_model(**model_inputs(batch), use_cache=False).last_hidden_state  # (B, T, d)
+        fused = fused_head(model) if self.chunked else None
+        if fused is not None:  # hidden states only; the head's logits a chunk at a time (memtune.linear_ce)
+            body, head = fused
+            hidden = body(**model_inputs(batch), use_cache=False).last_hidden_state  # (B, T, d)
             h = hidden[:, :-1][keep]  # (N, d)
             return linear_cross_entropy(h, head.weight, head.bias, labels[keep]), {}
         cols = keep.any(0).nonzero()
