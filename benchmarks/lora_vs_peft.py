@@ -78,6 +78,9 @@ def prepare(kind: str, base, peft_task: str, r: int, targets, device):
         model = peft.get_peft_model(model, peft.LoraConfig(task_type=peft_task, r=r, lora_alpha=2 * r,
                                                            target_modules="all-linear" if targets == ["all-linear"]
                                                            else targets))
+        # PEFT injects its LoRA layers in place: the wrapped model's forward is the base model's forward.
+        # Stepping the base model lets the same loss code fuse its LM head (chunked CE) for every method.
+        model = model.get_base_model()
     model.to(device).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     return model, opt
