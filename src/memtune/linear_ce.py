@@ -36,7 +36,41 @@ def chunk_rows(vocab: int, elements: int = CHUNK_ELEMENTS) -> int:
     return max(1, elements // max(vocab, 1))
 
 
+def _chunk_logits(hc, weight, bias, buf):
+    """z = hc W^T + b (c, V) as an fp32 tensor this code owns (free to overwrite in place). In fp32 outside
+    autocast it is written into `buf` (the chunk buffer reused across chunks); otherwise computed in the
+    head's dtype (autocast applies) and upcast, as the unfused path does."""
+    if buf is not None:
+        z = buf[:hc.shape[0]]
+        return torch.mm(hc, weight.t(), out=z) if bias is None else torch.addmm(bias, hc, weight.t(), out=z)
+    return F.linear(hc, weight, bias).float()
+
+
+def _chunk_buffer(h, weight, bias, rows):
+    """One (rows, V) fp32 buffer for every chunk's logits, when the matmul can write into it directly."""
+    fp32 = h.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
+    if not fp32 or torch.is_autocast_enabled(h.device.type):
+        return None
+    return torch.empty(min(rows, h.shape[0]), weight.shape[0], dtype=torch.float32, device=h.device)
+
+
+def _exp_shifted(z, yc):
+    """In place: z (c, V) -> e = exp(z - m) with m the row max. Returns (e, sum_v e (c, 1), lse - z_y (c,)),
+    lse = m + log sum e. One exp per logit and no (c, V) temporary (torch.logsumexp makes one)."""
+    zy = z.gather(1, yc[:, None])  # (c, 1), taken before z is overwritten
+    m = z.amax(1, keepdim=True)  # (c, 1)
+    e = z.sub_(m).exp_()
+    total = e.sum(1, keepdim=True)  # (c, 1)
+    return e, total, (m + total.log() - zy)[:, 0]
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
+    """dL/dz = e / S - onehot(y) is never formed: the 1/S row scale goes on the (c, d) side of each
+    matmul and the onehot term is an index_add of (c, d) rows, so after the exp no pass touches (c, V).
+
+        dL/dh = (e W) / S - W_y        dL/dW = e^T (h / S) - scatter_y(h)        dL/db = e^T (1/S) - count_y
+    """
+
     @staticmethod
     def forward(ctx, h, weight, bias, targets, rows):
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -45,20 +79,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
+        buf = _chunk_buffer(h, weight, bias, rows)
         for s in range(0, h.shape[0], rows):
             hc, yc = h[s:s + rows], targets[s:s + rows]  # (c, d), (c,)
-            z = F.linear(hc, weight, bias).float()  # (c, V)
-            lse = torch.logsumexp(z, dim=-1)  # (c,)
-            total += (lse - z.gather(1, yc[:, None])[:, 0]).sum()
-            if want_h or want_w or want_b:
-                g = z.sub_(lse[:, None]).exp_()  # softmax, in place (c, V)
-                g[torch.arange(len(yc), device=g.device), yc] -= 1  # dL/dz
-                if want_h:
-                    grad_h[s:s + rows] = (g.to(weight.dtype) @ weight).to(h.dtype)  # (c, d)
-                if want_w:
-                    grad_w += g.T @ hc.float()  # (V, d)
-                if want_b:
-                    grad_b += g.sum(0)
+            e, norm, loss = _exp_shifted(_chunk_logits(hc, weight, bias, buf), yc)
+            total += loss.sum()
+            inv = norm.reciprocal()  # (c, 1)
+            if want_h:
+                gh = (e if e.dtype == weight.dtype else e.to(weight.dtype)) @ weight  # (c, d)
+                gh = gh.float().mul_(inv).sub_(weight[yc].float())
+                grad_h[s:s + rows] = gh.to(h.dtype)
+            if want_w:
+                hf = hc.float()
+                grad_w.addmm_(e.t(), hf * inv).index_add_(0, yc, hf, alpha=-1)  # (V, d)
+            if want_b:
+                grad_b.add_(e.t() @ inv[:, 0]).index_add_(0, yc, torch.ones_like(yc, dtype=grad_b.dtype),
+                                                          alpha=-1)
         ctx.save_for_backward(*(t for t in (grad_h, grad_w, grad_b) if t is not None))
         ctx.have = (want_h, want_w, want_b)
         ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
@@ -79,8 +115,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if not torch.is_grad_enabled() or not (h.requires_grad or weight.requires_grad
                                            or (bias is not None and bias.requires_grad)):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        buf = _chunk_buffer(h, weight, bias, rows)
         for s in range(0, h.shape[0], rows):  # evaluation, MeZO: the loss alone, chunk by chunk
-            z = F.linear(h[s:s + rows], weight, bias).float()
-            total += F.cross_entropy(z, targets[s:s + rows], reduction="sum")
+            total += _exp_shifted(_chunk_logits(h[s:s + rows], weight, bias, buf), targets[s:s + rows])[2].sum()
         return total
     return _LinearCrossEntropy.apply(h, weight, bias, targets, rows)

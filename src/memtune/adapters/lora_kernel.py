@@ -2,9 +2,15 @@
 
 Shapes: x (N, d_in) (leading dims flattened), W (d_out, d_in) frozen, A (r, d_in), B (d_out, r).
 
-    forward:   y = addmm(b, x, W^T)        u = x A^T (N, r)        y += s u B^T   (in place, one addmm)
-    backward:  du = s dy B (N, r)          dB = s dy^T u           dA = du^T x
+    forward:   y = addmm(b, x, W^T)        u^T = A x^T (r, N)      y += s u B^T   (in place, one addmm)
+    backward:  du^T = s B^T dy^T (r, N)    dB = s (u^T dy)^T       dA = du^T x
                dx = dy W  (+)=  du A        (in place, one addmm; skipped when x needs no gradient)
+
+The skinny products are taken with the rank as the leading (row) dimension: u^T = A x^T rather than
+u = x A^T, du^T = B^T dy^T rather than du = dy B, and dB as (u^T dy)^T rather than dy^T u. Same FLOPs,
+but CPU BLAS runs an (r, N) output at 3x the rate of an (N, r) one (measured at N=1024, r=8, d=512-1408,
+fp32: one Llama layer's 7 adapters cost 15.1-19.2 ms over the frozen base's matmuls in the (N, r) layout,
+11.9-15.9 ms in this one). The saved tensor has the same size either way.
 
 Why our own: composed from nn.Linear modules (ours before, PEFT's now), the same step runs five more
 full-size elementwise passes: the scaled update s*v and the sum y + s*v (each (N, d_out)) in the
@@ -36,23 +42,23 @@ class _FusedLora(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float):
         x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
         y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())  # (N, d_out)
-        u = torch.mm(x2, lora_a.t())  # (N, r)
-        y.addmm_(u, lora_b.t(), alpha=scaling)
-        ctx.save_for_backward(x, u, weight, lora_a, lora_b)
+        ut = torch.mm(lora_a, x2.t())  # (r, N): the skinny product in the layout BLAS runs fastest
+        y.addmm_(ut.t(), lora_b.t(), alpha=scaling)
+        ctx.save_for_backward(x, ut, weight, lora_a, lora_b)
         ctx.scaling = scaling
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x, u, weight, lora_a, lora_b = ctx.saved_tensors
+        x, ut, weight, lora_a, lora_b = ctx.saved_tensors
         s = ctx.scaling
         dy2 = dy.reshape(-1, dy.shape[-1])  # (N, d_out)
-        du = torch.mm(dy2, lora_b).mul_(s)  # (N, r)
-        grad_a = torch.mm(du.t(), x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[3] else None  # (r, d_in)
-        grad_b = torch.mm(dy2.t(), u).mul_(s) if ctx.needs_input_grad[4] else None  # (d_out, r)
+        dut = torch.mm(lora_b.t(), dy2.t()).mul_(s)  # (r, N)
+        grad_a = torch.mm(dut, x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[3] else None  # (r, d_in)
+        grad_b = torch.mm(ut, dy2).mul_(s).t() if ctx.needs_input_grad[4] else None  # (d_out, r)
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = torch.mm(dy2, weight).addmm_(du, lora_a).view(x.shape)  # (N, d_in)
+            dx = torch.mm(dy2, weight).addmm_(dut.t(), lora_a).view(x.shape)  # (N, d_in)
         return dx, None, None, grad_a, grad_b, None
 
 
