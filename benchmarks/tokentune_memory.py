@@ -38,6 +38,8 @@ SETTINGS = [("backprop", None, True), ("tokentune 100%", 1.0, True), ("tokentune
             ("tokentune 25%, no recompute", 0.25, False)]
 MODELS = {"tiny-llama": ("causal-lm", 512, 4), "minilm": ("classification", 128, 16),
           "llama-1b": ("causal-lm", 1024, 4),
+          # a seq-512 row where the layers' matmuls, not per-op overheads, set the step (hidden 512, 6 layers)
+          "llama-small": ("causal-lm", 512, 4),
           # short sentences as in SST-2 (~25 tokens): lengths 8..48, padded to 48, where k=16 keeps most tokens
           "minilm-short": ("classification", 48, 32)}
 RAGGED = {"minilm-short": 8}  # shortest length of a ragged batch
@@ -119,7 +121,7 @@ def main() -> None:
     rows = []
     for name in models:
         task_name, seq, bs = MODELS[name]
-        if name == "llama-1b":
+        if name in ("llama-1b", "llama-small"):
             base = llama_sized(name)
         else:
             base = load_model(name.removesuffix("-short"), task_name,
