@@ -2,7 +2,7 @@
 
     python benchmarks/tokentune_memory.py
 
-For each model (tiny-llama at sequence 512, pretrained MiniLM at 128, and MiniLM on ragged SST-2-length
+For each model (tiny-llama and llama-small at sequence 512, pretrained MiniLM at 128, and MiniLM on ragged SST-2-length
 batches: 32 sentences of 8..48 tokens) and each trainable set
 (full, LoRA r=8 all-linear), one AdamW step is measured by memtune's tracker with every token
 backpropagated, and with TokenTune selecting 100%, 50%, 25%, 10% and k=16 tokens per example.
@@ -110,7 +110,7 @@ def measure_group(base, task_name: str, adapter: str, batch: dict, device, ctx, 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="tiny-llama,minilm,minilm-short")
+    ap.add_argument("--models", default="tiny-llama,llama-small,minilm,minilm-short")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds per (model, trainable set)")
