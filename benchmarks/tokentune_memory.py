@@ -6,7 +6,8 @@ For each model (tiny-llama and llama-small at sequence 512, pretrained MiniLM at
 batches: 32 sentences of 8..48 tokens) and each trainable set
 (full, LoRA r=8 all-linear), one AdamW step is measured by memtune's tracker with every token
 backpropagated, and with TokenTune selecting 100%, 50%, 25%, 10% and k=16 tokens per example.
-Same model weights, same batch. Step time: median of --rounds interleaved rounds of all settings. Writes benchmarks/results/tokentune_memory.json and
+Same model weights, same batch. Step time: median of --rounds interleaved rounds of all settings.
+Writes benchmarks/results/tokentune_memory.json and
 tokentune_memory.png.
 """
 

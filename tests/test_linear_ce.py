@@ -136,7 +136,8 @@ def test_tokentune_training_takes_the_chunked_loss(tmp_path):
     seen = []
     s = train(load_recipe(None, ["model=tiny-llama", f"data.train={ALPACA}", "adapter.kind=lora", "adapter.r=4",
                                  "tokentune.select=0.5", "train.max_steps=2", "train.batch_size=4"]
-                          + base_overrides(tmp_path / "run")), callbacks=[lambda e: seen.append(fused_head(e.run.model))])
+                          + base_overrides(tmp_path / "run")),
+              callbacks=[lambda e: seen.append(fused_head(e.run.model))])
     assert s["train"]["loss_last"] > 0
     assert len(seen) == 2 and all(f is not None for f in seen)
 

@@ -31,7 +31,6 @@ the token in column j, as the loss's one-step shift expects) and exist only for 
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import torch
@@ -492,7 +491,8 @@ class TokenTune:
         c = self.config
         return {"select": int(c.select) if c.select > 1 else c.select,
                 "mode": "count" if c.select > 1 else "fraction", "always_first": c.always_first,
-                "always_last": self.always_last, "recompute_attention": c.recompute_attention, "layout": "[U|S]" if self.causal else "[S|U]",
+                "always_last": self.always_last, "recompute_attention": c.recompute_attention,
+                "layout": "[U|S]" if self.causal else "[S|U]",
                 "per_token_modules": len(self.modules)}
 
     def remove(self) -> None:
