@@ -70,6 +70,14 @@ def test_chunks_hold_a_bounded_number_of_logits():
     assert chunk_rows(32000) == 262 and chunk_rows(10) == 2**23 // 10 and chunk_rows(10**9) == 1
 
 
+def _assert_same_step(out: dict) -> None:
+    """out[chunked] = (loss, {name: grad}): chunked and unchunked agree in the loss and every gradient."""
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-4)
+    assert out[True][1].keys() == out[False][1].keys() and out[True][1]
+    for n in out[True][1]:
+        torch.testing.assert_close(out[True][1][n], out[False][1][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 @pytest.mark.parametrize("adapter", [["adapter.kind=full"], ["adapter.kind=lora", "adapter.r=4"],
                                      ["adapter.kind=prefix", "adapter.num_virtual_tokens=3"],
                                      ["adapter.kind=qst", "adapter.r=4", "quantize.kind=none"]])
@@ -91,10 +99,7 @@ def test_a_causal_lm_step_is_the_same_with_and_without_chunks(preset, adapter):
         loss.backward()
         out[chunked] = (loss.detach(), {n: p.grad.clone() for n, p in run.model.named_parameters()
                                         if p.grad is not None})
-    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-4)
-    assert out[True][1].keys() == out[False][1].keys() and out[True][1]
-    for n in out[True][1]:
-        torch.testing.assert_close(out[True][1][n], out[False][1][n], rtol=1e-4, atol=1e-6, msg=n)
+    _assert_same_step(out)
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2", "tiny-opt"])
@@ -124,10 +129,7 @@ def test_tokentune_steps_through_chunks_and_equals_the_models_own_logits(preset,
         loss.backward()
         out[chunked] = (loss.detach(), {n: p.grad.clone() for n, p in run.model.named_parameters()
                                         if p.grad is not None})
-    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-4)
-    assert out[True][1].keys() == out[False][1].keys() and out[True][1]
-    for n in out[True][1]:
-        torch.testing.assert_close(out[True][1][n], out[False][1][n], rtol=1e-4, atol=1e-6, msg=n)
+    _assert_same_step(out)
 
 
 def test_tokentune_training_takes_the_chunked_loss(tmp_path):

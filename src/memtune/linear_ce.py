@@ -37,13 +37,9 @@ def chunk_rows(vocab: int, elements: int = CHUNK_ELEMENTS) -> int:
 
 
 def _chunk_logits(hc, weight, bias):
-    """z = hc W^T + b (c, V) as an fp32 tensor this code owns (free to overwrite in place): computed in the
-    head's dtype (autocast applies) and upcast, as the unfused path does (a no-op cast in fp32).
-
-    A fresh tensor per chunk, not a reused buffer written by `torch.mm(out=)`: the buffer was 6% faster
-    on the CPU (527 vs 558 ms, loss + backward of 1020 x 512 positions, V = 32000), but under
-    `memtune plan` an out= matmul on fake tensors counts bytes the run does not hold, and the plan must
-    equal the run to the byte."""
+    """z = hc W^T + b (c, V), a fresh fp32 tensor this code may overwrite in place: computed in the head's
+    dtype (autocast applies) and upcast, as the unfused path does. (A reused out= buffer was 6% faster on
+    the CPU, but `memtune plan` counts bytes for an out= matmul on fake tensors that the run does not hold.)"""
     return F.linear(hc, weight, bias).float()
 
 
@@ -78,7 +74,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total += loss.sum()
             inv = norm.reciprocal()  # (c, 1)
             if want_h:
-                gh = (e if e.dtype == weight.dtype else e.to(weight.dtype)) @ weight  # (c, d)
+                gh = e.to(weight.dtype) @ weight  # (c, d)
                 gh = gh.float().mul_(inv).sub_(weight[yc].float())
                 grad_h[s:s + rows] = gh.to(h.dtype)
             if want_w:

@@ -461,7 +461,7 @@ class TokenTune:
         # all in S (memtune.linear_ce on their hidden states, or transformers' logits_to_keep from the first
         # S column), so the head never sees U; a hook would also keep chunked CE off (fused_head refuses
         # a hooked head), which cost the dense fallback (100% selected) the full logits (profile, tiny-llama
-        # 512x4: 20.7 vs 18.7 MiB activations, 1.1x the dense step). Other heads (adapted, quantized) are split.
+        # 512x4: 20.7 vs 18.7 MiB activations, 1.32x the dense step). Other heads (adapted, quantized) are split.
         head = None
         if task_name == "causal-lm" and fused_head(model) is None:
             head = model.get_output_embeddings()
