@@ -8,7 +8,8 @@ random init; `--model llama-1b`: TinyLlama-1.1B's shape). Rows, each one AdamW s
 under memtune's tracker on the same batch (quant_memory.py's setup; LoRA r=8 on all linear layers):
 
     full, lora, qlora                                     the baselines
-    qst (nf4, r=16, adapter)                              the paper's QST
+    qst (nf4, r=16, adapter)                              the paper's QST (one scalar α)
+    qst, per-channel α                                    the reference code's α (d,): the loss needs dL/dh
     lst (fp32 backbone, r=16, adapter)                    side tuning of a full-precision backbone
     qst r=4 / 8 / 32                                      the r sweep (adapter downsampler)
     qst linear / lora / maxpool / avgpool                 the downsampler sweep (r=16)
@@ -42,6 +43,7 @@ ROWS = {
     "lora": (None, "lora", LoraConfig(r=8, alpha=16, targets=["all-linear"])),
     "qlora": ("nf4", "lora", LoraConfig(r=8, alpha=16, targets=["all-linear"])),
     "qst (nf4, r=16, adapter)": ("nf4", "qst", QSTConfig(r=16)),
+    "qst, per-channel α": ("nf4", "qst", QSTConfig(r=16, mix="channel")),
     "lst (fp32, r=16, adapter)": (None, "qst", QSTConfig(r=16)),
     **{f"qst r={r}": ("nf4", "qst", QSTConfig(r=r)) for r in (4, 8, 32)},
     **{f"qst {k}": ("nf4", "qst", QSTConfig(r=16, downsample=k)) for k in ("linear", "lora", "maxpool", "avgpool")},

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, base_overrides
-from memtune.linear_ce import chunk_rows, linear_cross_entropy
+from memtune.linear_ce import LowRankMix, chunk_rows, linear_cross_entropy, mix_cross_entropy
 from memtune.recipe import load_recipe
 from memtune.tasks import CausalLMTask, fused_head
 
@@ -35,6 +35,44 @@ def test_loss_and_every_gradient_equal_the_unchunked(bias, rows):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-4)
     for a, t in zip(grads, [t for t in (h, w, b) if t is not None]):
         torch.testing.assert_close(a, t.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [None, "frozen", "trained"])
+@pytest.mark.parametrize("rows", [1, 7, 1000])
+def test_the_factored_mix_loss_equals_the_loss_of_the_materialized_mix(bias, rows):
+    """h = a c + (1 - a) q P^T through a frozen head: loss and the gradients of q, P, a (and a trained
+    bias) equal those of the same h formed and sent through linear_cross_entropy / F.cross_entropy."""
+    g = torch.Generator().manual_seed(3)
+    c = torch.randn(40, 16, generator=g)
+    q = torch.randn(40, 4, generator=g, requires_grad=True)
+    proj = torch.randn(16, 4, generator=g, requires_grad=True)
+    alpha = torch.tensor([0.7], requires_grad=True)
+    w = torch.randn(300, 16, generator=g)
+    b = None if bias is None else torch.randn(300, generator=g).requires_grad_(bias == "trained")
+    y = torch.randint(0, 300, (40,), generator=g)
+    leaves = [t for t in (q, proj, alpha, b) if t is not None and t.requires_grad]
+    got = mix_cross_entropy(LowRankMix(alpha, c, 1 - alpha, q, proj), w, b, y, rows=rows)
+    (got * 0.5).backward()
+    grads = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    want = _reference(alpha * c + (1 - alpha) * q @ proj.t(), w, b, y)
+    (want * 0.5).backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-4)
+    for a, t in zip(grads, leaves):
+        torch.testing.assert_close(a, t.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_the_factored_mix_loss_declines_what_it_cannot_factor():
+    g = torch.Generator().manual_seed(4)
+    c, q, proj = torch.randn(5, 8, generator=g), torch.randn(5, 2, generator=g), torch.randn(8, 2, generator=g)
+    a = torch.ones(1, requires_grad=True)
+    w, y = torch.randn(20, 8, generator=g), torch.randint(0, 20, (5,), generator=g)
+    mix = LowRankMix(a, c, 1 - a, q, proj)
+    assert mix_cross_entropy(mix, w.requires_grad_(), None, y) is None  # a trained head needs dL/dW = G^T h
+    with torch.no_grad():
+        assert mix_cross_entropy(mix, w.detach(), None, y) is None  # no gradient: the plain loss is as cheap
+    assert mix_cross_entropy(LowRankMix(a, c.requires_grad_(), 1 - a, q, proj), w.detach(), None, y) is None
 
 
 def test_a_frozen_head_gets_no_gradient_and_no_grad_mode_gives_the_loss():

@@ -78,6 +78,40 @@ def test_only_the_side_network_and_a_new_head_get_gradients(preset, task):
     assert any(".layers." in n for n in side) and any(".down." in n for n in side)
 
 
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-opt", "tiny-gpt2"])
+def test_the_factored_head_loss_gives_the_gradients_of_the_models_own_logits(preset):
+    """A scalar α: the chunked causal-LM loss takes the mix's factors (no dL/dh through the head) and
+    gets the loss and every side gradient of the model's own logits; a per-channel α takes the plain path."""
+    from memtune import linear_ce
+    from memtune.tasks import CausalLMTask
+
+    ids = torch.randint(3, 250, (2, 12), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    for mix in ("scalar", "channel"):
+        m = _model(preset, "causal-lm")
+        QSTMethod(QSTConfig(r=4, mix=mix), "causal-lm").attach(m)
+        _randomize_side(m)
+        m.eval()  # no dropout (GPT-2's): both losses from the same forward; gradients stay on
+        grads, losses = [], []
+        for chunked in (True, False):
+            calls = []
+            real = linear_ce._MixLinearCrossEntropy.apply
+            linear_ce._MixLinearCrossEntropy.apply = lambda *a: calls.append(1) or real(*a)
+            try:
+                loss, _ = CausalLMTask(chunked=chunked).loss_sum(m, batch)
+            finally:
+                linear_ce._MixLinearCrossEntropy.apply = real
+            assert bool(calls) == (chunked and mix == "scalar")
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+            m.zero_grad(set_to_none=True)
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-4)
+        assert grads[0].keys() == grads[1].keys() and f"{SIDE}.alpha" in grads[0]
+        for name in grads[0]:
+            torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_backbone_layers_save_nothing_for_backward():
     """Tensors saved for backward while a backbone layer itself runs: none. (Side steps run in hooks
     after each layer; the flag is cleared before them.)"""
@@ -164,7 +198,7 @@ def test_train_saves_a_qst_adapter_that_loads_and_evaluates_the_same(tmp_path, c
     trained = _logits(kept["run"].model)
     loaded = load_for_eval(str(tmp_path / "run"), [])
     assert torch.equal(_logits(loaded.model), trained)
-    assert float(loaded.model.get_submodule(SIDE).alpha.detach().min()) < 1  # it moved
+    assert not torch.equal(loaded.model.get_submodule(SIDE).alpha.detach(), torch.ones(1))  # it moved
     assert evaluate(str(tmp_path / "run"), [])["loss"] == s["eval"]["loss"]
     # adapter.path into a fresh recipe
     again = load_for_eval(None, LLAMA + [f"adapter.path={tmp_path / 'run' / 'adapter'}"])
@@ -250,7 +284,7 @@ def test_qst_composes_with_other_bases_and_mezo(tmp_path, extra):
               callbacks=[lambda e: kept.setdefault("run", e.run)])
     assert s["train"]["steps"] == 2 and s["memory_bytes"]["gradients"] in (0, s["memory_bytes"]["parameters_trainable"])
     side = kept["run"].model.get_submodule(SIDE)
-    assert float(side.alpha.detach().min()) < 1.0  # the mixing weight moved: the side stream trains
+    assert not torch.equal(side.alpha.detach(), torch.ones_like(side.alpha))  # α moved: the side stream trains
     assert all(n.startswith(SIDE) for n, p in kept["run"].model.named_parameters() if p.requires_grad)
 
 

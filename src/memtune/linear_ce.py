@@ -26,8 +26,12 @@ and reduced in fp32, as the unfused path does.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 from torch.nn import functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 CHUNK_ELEMENTS = 2**23  # logits per chunk (32 MiB in fp32): rows = CHUNK_ELEMENTS // V
 
@@ -107,3 +111,107 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             total += _exp_shifted(_chunk_logits(h[s:s + rows], weight, bias), targets[s:s + rows])[2].sum()
         return total
     return _LinearCrossEntropy.apply(h, weight, bias, targets, rows)
+
+
+# -- a head input that is a frozen stream plus a low-rank trainable one (QST's α-mix) -----------------------
+#
+#     h = a c + b q P^T        c (N, d) frozen, q (N, k) and P (d, k) trainable, a and b scalars (a = α, b = 1 - α)
+#     z = h W^T + bias = a (c W^T) + b (q M^T) + bias,    M = W P (V, k), formed once by autograd (dP = W^T dM)
+#
+# With G = dL/dz = e / S - onehot(y), only k-wide products are needed:
+#
+#     dL/dq = b G M        dL/dM = b G^T q        dL/da = <G, c W^T>        dL/db = <G, q M^T> = <G M, q>
+#
+# so the (N, V) x (V, d) product G W that dL/dh costs (as much as the head's forward) is never formed:
+# a QST step spends one head matmul per chunk (c W^T) instead of two. Each chunk holds two (rows, V)
+# tensors (c W^T is kept for dL/da) of chunk_rows(V) rows: halving the rows to keep CHUNK_ELEMENTS in
+# all made the c W^T matmuls 1.6x slower on 2 CPU cores (131 against 262 rows at d = 1,024, V = 32,000).
+
+
+@dataclass
+class LowRankMix:
+    """h = a c + b q P^T (see above). c (..., d), q (..., k), proj P (d, k), a and b one-element tensors."""
+
+    a: torch.Tensor
+    c: torch.Tensor
+    b: torch.Tensor
+    q: torch.Tensor
+    proj: torch.Tensor
+
+    def rows(self, pick: Callable[[torch.Tensor], torch.Tensor]) -> "LowRankMix":
+        """The same mix over picked rows: `pick` maps (B, T, .) -> (N, .), applied to c and q alike."""
+        return LowRankMix(self.a, pick(self.c), self.b, pick(self.q), self.proj)
+
+
+_MIXES = WeakIdKeyDictionary()  # hidden-state tensor -> its LowRankMix, for as long as the tensor lives
+
+
+def declare_mix(h: torch.Tensor, mix: LowRankMix) -> None:
+    """Record that `h` (as its producer computed it) equals `mix`, for a loss that can use the factors."""
+    _MIXES[h] = mix
+
+
+def mix_of(h: torch.Tensor) -> LowRankMix | None:
+    """The declared mix of `h`, or of the tensor `h` is a same-layout view of (GPT-2's ln_f(h).view(shape))."""
+    mix = _MIXES.get(h)
+    base = h._base
+    if mix is None and base is not None and (base.shape, base.stride(), base.storage_offset()) == (
+            h.shape, h.stride(), h.storage_offset()):
+        mix = _MIXES.get(base)
+    return mix
+
+
+class _MixLinearCrossEntropy(torch.autograd.Function):
+    """The summed CE of (a c + b q P^T) W^T + bias, M = W P given; gradients for q, M, a, b and bias."""
+
+    @staticmethod
+    def forward(ctx, c, q, m, a, b, weight, bias, targets, rows):
+        want_bias = bias is not None and ctx.needs_input_grad[6]
+        total = torch.zeros((), dtype=torch.float32, device=c.device)
+        af, bf = a.float().reshape(()), b.float().reshape(())
+        grad_q = torch.empty_like(q)
+        grad_m = torch.zeros(m.shape, dtype=torch.float32, device=m.device)  # (V, k)
+        grad_a = torch.zeros((), dtype=torch.float32, device=c.device)
+        grad_b = torch.zeros((), dtype=torch.float32, device=c.device)
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_bias else None
+        for s in range(0, c.shape[0], rows):
+            cc, qc, yc = c[s:s + rows], q[s:s + rows], targets[s:s + rows]  # (r, d), (r, k), (r,)
+            zc = _chunk_logits(cc.to(weight.dtype), weight, None)  # c W^T (r, V), kept for dL/da
+            z = _chunk_logits(qc.to(m.dtype), m, None).mul_(bf).addcmul_(zc, af)  # a c W^T + b q M^T
+            if bias is not None:
+                z.add_(bias.float())
+            e, norm, loss = _exp_shifted(z, yc)
+            total += loss.sum()
+            inv = norm.reciprocal()  # (r, 1)
+            gq = (e.to(m.dtype) @ m).float().mul_(inv).sub_(m[yc].float())  # G M (r, k)
+            grad_q[s:s + rows] = (gq * bf).to(q.dtype)
+            qf = qc.float()
+            grad_b += (gq * qf).sum()  # <G M, q>
+            grad_a -= zc.gather(1, yc[:, None]).sum()  # <G, c W^T> = sum (e / S) (c W^T) - (c W^T)_y
+            grad_a += (zc.mul_(e).sum(1, keepdim=True) * inv).sum()
+            grad_m.addmm_(e.t(), qf * (inv * bf)).index_add_(0, yc, qf * bf, alpha=-1)  # b G^T q (V, k)
+            if want_bias:
+                grad_bias.add_(e.t() @ inv[:, 0]).index_add_(0, yc, torch.ones_like(yc, dtype=grad_bias.dtype),
+                                                             alpha=-1)
+        ctx.save_for_backward(grad_q, grad_m, grad_a, grad_b, *([grad_bias] if want_bias else []))
+        ctx.meta = (want_bias, m.dtype, a.shape, a.dtype, b.shape, b.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        want_bias, m_dtype, a_shape, a_dtype, b_shape, b_dtype, bias_dtype = ctx.meta
+        gq, gm, ga, gb, *gbias = ctx.saved_tensors
+        return (None, gq * grad_out.to(gq.dtype), (gm * grad_out).to(m_dtype),
+                (ga * grad_out).reshape(a_shape).to(a_dtype), (gb * grad_out).reshape(b_shape).to(b_dtype), None,
+                (gbias[0] * grad_out).to(bias_dtype) if want_bias else None, None, None)
+
+
+def mix_cross_entropy(mix: LowRankMix, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                      rows: int | None = None) -> torch.Tensor | None:
+    """linear_cross_entropy of h = `mix` through a frozen head, from the factors; None where the factored
+    form does not apply (no gradient wanted, a trainable head, or a c that needs its own gradient)."""
+    if not torch.is_grad_enabled() or weight.requires_grad or mix.c.requires_grad:
+        return None
+    rows = rows or chunk_rows(weight.shape[0])
+    m = weight @ mix.proj.to(weight.dtype)  # M = W P (V, k)
+    return _MixLinearCrossEntropy.apply(mix.c, mix.q, m, mix.a, mix.b, weight, bias, targets, rows)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import IGNORE
-from .linear_ce import linear_cross_entropy
+from .linear_ce import linear_cross_entropy, mix_cross_entropy, mix_of
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
@@ -140,8 +140,12 @@ class CausalLMTask(Task):
         if fused is not None:  # hidden states only; the head's logits a chunk at a time (memtune.linear_ce)
             body, head = fused
             hidden = body(**model_inputs(batch), use_cache=False).last_hidden_state  # (B, T, d)
-            h = hidden[:, :-1][keep]  # (N, d)
-            return linear_cross_entropy(h, head.weight, head.bias, labels[keep]), {}
+            pick = lambda t: t[:, :-1][keep]  # noqa: E731  (B, T, .) -> (N, .)
+            mix = mix_of(hidden)  # a frozen stream plus a low-rank one (QST's α-mix): dL/dh is not needed
+            loss = mix_cross_entropy(mix.rows(pick), head.weight, head.bias, labels[keep]) if mix else None
+            if loss is None:
+                loss = linear_cross_entropy(pick(hidden), head.weight, head.bias, labels[keep])
+            return loss, {}
         cols = keep.any(0).nonzero()
         first = int(cols[0]) if len(cols) and _keeps_logits(model) else 0
         extra = {"logits_to_keep": labels.shape[1] + 1 - first} if first else {}

@@ -9,7 +9,8 @@ weights get no gradient or optimizer state. Only the side network (plus a new cl
 trains. At r = 16 on LLaMA-2-7B's shape the trainable share is 0.43% (tests/test_qst.py; paper: ~0.4%).
 
 Keys: `adapter.r` (16: side width d/r), `adapter.downsample` (adapter | lora | linear | maxpool |
-avgpool), `adapter.rank` (16: the adapter/lora downsamplers' inner width), `adapter.modules_to_save`.
+avgpool), `adapter.rank` (16: the adapter/lora downsamplers' inner width), `adapter.mix` (scalar |
+channel: one α or one per channel, see memtune.side.network), `adapter.modules_to_save`.
 
 Files: PEFT's layout with memtune's own tag (PEFT has no QST): adapter_config.json with
 peft_type "QST" and adapter_model.safetensors holding the side network (`qst_side.*`) and the saved
@@ -43,12 +44,17 @@ class QSTConfig(AdapterConfig):
     r: int = 16  # side width d/r (paper default 16; Fig. 5 sweeps 2-64)
     downsample: Literal["adapter", "lora", "linear", "maxpool", "avgpool"] = "adapter"
     rank: int = 16  # inner width k of the adapter / lora downsamplers (paper: 16)
+    # α of the output mix: one scalar (the paper's equation; lets the causal-LM loss skip dL/dh) or one
+    # weight per channel (the reference code's lm_head_z)
+    mix: Literal["scalar", "channel"] = "scalar"
     modules_to_save: list[str] | None = None  # trained in full next to the side network (default: a new head)
 
     def check(self, prefix: str) -> None:
         for name in ("r", "rank"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name}: expected a positive integer, got {getattr(self, name)}")
+        if self.mix not in ("scalar", "channel"):
+            raise ConfigError(f"{prefix}.mix: expected scalar or channel, got {self.mix!r}")
         if self.downsample not in KINDS:
             raise ConfigError(f"{prefix}.downsample: expected one of {', '.join(KINDS)}, got {self.downsample!r}")
 
@@ -65,6 +71,7 @@ class QSTMethod(AdapterMethod):
         try:
             return QSTConfig(r=int(peft_config["r"]), downsample=peft_config["downsample"],
                              rank=int(peft_config["downsample_rank"]),
+                             mix=peft_config.get("mix", "channel"),  # files from before the key: per channel
                              modules_to_save=peft_config.get("modules_to_save"), path=str(path))
         except (KeyError, TypeError, ValueError) as e:
             raise ModelError(f"{path}/adapter_config.json: not a QST config ({type(e).__name__}: {e})") from None
@@ -79,7 +86,7 @@ class QSTMethod(AdapterMethod):
         fam = family_of(model)
         set_trainable(model, False)
         self.saved_modules = self._modules_to_save(model)
-        side = SideNetwork(model, fam, c.r, c.downsample, c.rank)
+        side = SideNetwork(model, fam, c.r, c.downsample, c.rank, c.mix)
         model.add_module(SIDE, side)
         self.runner = SideRunner(model, side, fam)
         for name in self.saved_modules:
@@ -98,7 +105,8 @@ class QSTMethod(AdapterMethod):
         c, sc = self.config, self.side(model).config
         return {"peft_type": self.peft_type, "task_type": TASK_TYPES.get(self.task),
                 "base_model_name_or_path": base_name, "r": c.r, "downsample": c.downsample,
-                "downsample_rank": c.rank, "modules_to_save": self.saved_modules or None, "inference_mode": True,
+                "downsample_rank": c.rank, "mix": c.mix, "modules_to_save": self.saved_modules or None,
+                "inference_mode": True,
                 "side_layers": len(self.side(model).layers), "side_config": sc.to_diff_dict()}
 
     def save(self, model: nn.Module, run_dir: Path, base_name: str) -> Path:
@@ -124,7 +132,8 @@ class QSTMethod(AdapterMethod):
         return _alpha_one(self.side(model))
 
     def describe(self) -> dict:
-        return {"r": self.config.r, "downsample": self.config.downsample, "rank": self.config.rank,
+        c = self.config
+        return {"r": c.r, "downsample": c.downsample, "rank": c.rank, "mix": c.mix,
                 "modules_to_save": self.saved_modules}
 
 

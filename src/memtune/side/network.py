@@ -11,8 +11,12 @@
 g_i: the backbone's own layer class at width d/r (side/arch.py), HF-initialized at random (nothing is
 copied from the backbone). D_i: a downsampler (side/downsample.py). β_i = σ(γ_i) per channel, γ_i = 0
 (β = 0.5: the paper's zero-initialised gate, per channel as in the reference code). U: Linear(d/r -> d).
-α (d,) starts at exactly 1, so at step 0 the model's output *equals* the backbone's (the paper's
+α starts at exactly 1, so at step 0 the model's output *equals* the backbone's (the paper's
 convention; the reference code's σ(1) = 0.731 does not). Only the side network, D, γ, U and α train.
+α is one scalar (`mix="scalar"`, the paper's equation) or one weight per channel (`"channel"`, the
+reference code's `lm_head_z`, shape (d,)). A scalar α keeps h a frozen stream plus a low-rank one,
+h = α h_fN + (1 - α) U q, which the chunked causal-LM loss uses to skip dL/dh = G W (memtune.linear_ce:
+the head's second (N, V) x (V, d) matmul, as costly as its forward); a per-channel α needs it for dL/dα.
 
 How it runs: hooks, registered here and removed by `remove()`; the backbone's modules are unchanged.
 A pre-hook on backbone layer 1 computes s_0 and turns gradients off, so the backbone layers record no
@@ -33,6 +37,7 @@ import weakref
 import torch
 from torch import nn
 
+from ..linear_ce import LowRankMix, declare_mix
 from .arch import Family, backbone_layers, mix_module, side_config
 from .downsample import downsampler
 
@@ -50,7 +55,8 @@ def _replace_first(out, value):
 class SideNetwork(nn.Module):
     """The trainable part of QST: side layers g_i, downsamplers D_0..D_N, gates γ, norm, U and α."""
 
-    def __init__(self, backbone: nn.Module, fam: Family, r: int, downsample: str, rank: int) -> None:
+    def __init__(self, backbone: nn.Module, fam: Family, r: int, downsample: str, rank: int,
+                 mix: str = "scalar") -> None:
         super().__init__()
         cfg = backbone.config
         d = getattr(cfg, fam.hidden)
@@ -61,11 +67,11 @@ class SideNetwork(nn.Module):
         self.layers = nn.ModuleList(type(layer)(self.config, layer_idx=i) for i, layer in enumerate(layers))
         self.down = nn.ModuleList(downsampler(downsample, d, ds, rank) for _ in range(n + 1))
         self.gates = nn.Parameter(torch.zeros(n, ds))  # γ_i; β_i = σ(γ_i)
-        mix = mix_module(backbone, fam)
-        eps = getattr(mix, "variance_epsilon", getattr(mix, "eps", 1e-5))
-        self.norm = type(mix)(ds, eps=eps) if mix is not None else nn.Identity()
+        final = mix_module(backbone, fam)
+        eps = getattr(final, "variance_epsilon", getattr(final, "eps", 1e-5))
+        self.norm = type(final)(ds, eps=eps) if final is not None else nn.Identity()
         self.up = nn.Linear(ds, d, bias=False)  # U
-        self.alpha = nn.Parameter(torch.ones(d))  # α = 1: the backbone's output exactly
+        self.alpha = nn.Parameter(torch.ones(1 if mix == "scalar" else d))  # α = 1: the backbone's output exactly
         self.rotary = None
         if fam.rotary is not None:
             rotary = backbone.base_model.get_submodule(fam.rotary)
@@ -79,9 +85,17 @@ class SideNetwork(nn.Module):
         return (1 - beta) * self.down[i + 1](backbone_h.to(beta.dtype)) + beta * s
 
     def mix(self, backbone_h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """α ⊙ h_fN + (1 - α) ⊙ U(norm(s_N)), in the backbone's dtype. (B, T, d)"""
-        up = self.up(self.norm(s))
-        return (self.alpha * backbone_h + (1 - self.alpha) * up).to(backbone_h.dtype)
+        """α ⊙ h_fN + (1 - α) ⊙ U(norm(s_N)), in the backbone's dtype. (B, T, d)
+
+        With a scalar α the result is declared to memtune.linear_ce as a·c + b·q U^T (c = h_fN, q =
+        norm(s_N), a = α, b = 1 - α), so a causal-LM loss through a frozen head can skip dL/dh."""
+        q = self.norm(s)  # (B, T, d/r)
+        a = self.alpha
+        h_f = backbone_h.to(a.dtype)
+        h = (a * h_f + (1 - a) * self.up(q)).to(backbone_h.dtype)
+        if a.numel() == 1 and torch.is_grad_enabled() and not h_f.requires_grad:
+            declare_mix(h, LowRankMix(a, backbone_h, 1 - a, q, self.up.weight))
+        return h
 
 
 class SideRunner:
