@@ -57,6 +57,16 @@ def _exp_shifted(z, yc):
     return e, total, (m + total.log() - zy)[:, 0]
 
 
+def _grad_rows(e, inv, w, yc):
+    """G w = (e w) / S - w_y (c, k) for G = dL/dz of a chunk, without forming G; w (V, k). fp32."""
+    return (e.to(w.dtype) @ w).float().mul_(inv).sub_(w[yc].float())
+
+
+def _add_grad_bias(grad_bias, e, inv, yc):
+    """grad_bias += sum_n G_n = e^T (1/S) - count_y (V,)."""
+    grad_bias.add_(e.t() @ inv[:, 0]).index_add_(0, yc, torch.ones_like(yc, dtype=grad_bias.dtype), alpha=-1)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """dL/dz = e / S - onehot(y) is never formed: the 1/S row scale goes on the (c, d) side of each
     matmul and the onehot term is an index_add of (c, d) rows, so after the exp no pass touches (c, V).
@@ -78,15 +88,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total += loss.sum()
             inv = norm.reciprocal()  # (c, 1)
             if want_h:
-                gh = e.to(weight.dtype) @ weight  # (c, d)
-                gh = gh.float().mul_(inv).sub_(weight[yc].float())
-                grad_h[s:s + rows] = gh.to(h.dtype)
+                grad_h[s:s + rows] = _grad_rows(e, inv, weight, yc).to(h.dtype)  # (c, d)
             if want_w:
                 hf = hc.float()
                 grad_w.addmm_(e.t(), hf * inv).index_add_(0, yc, hf, alpha=-1)  # (V, d)
             if want_b:
-                grad_b.add_(e.t() @ inv[:, 0]).index_add_(0, yc, torch.ones_like(yc, dtype=grad_b.dtype),
-                                                          alpha=-1)
+                _add_grad_bias(grad_b, e, inv, yc)
         ctx.save_for_backward(*(t for t in (grad_h, grad_w, grad_b) if t is not None))
         ctx.have = (want_h, want_w, want_b)
         ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
@@ -183,7 +190,7 @@ class _MixLinearCrossEntropy(torch.autograd.Function):
             e, norm, loss = _exp_shifted(z, yc)
             total += loss.sum()
             inv = norm.reciprocal()  # (r, 1)
-            gq = (e.to(m.dtype) @ m).float().mul_(inv).sub_(m[yc].float())  # G M (r, k)
+            gq = _grad_rows(e, inv, m, yc)  # G M (r, k)
             grad_q[s:s + rows] = (gq * bf).to(q.dtype)
             qf = qc.float()
             grad_b += (gq * qf).sum()  # <G M, q>
@@ -191,8 +198,7 @@ class _MixLinearCrossEntropy(torch.autograd.Function):
             grad_a += (zc.mul_(e).sum(1, keepdim=True) * inv).sum()
             grad_m.addmm_(e.t(), qf * (inv * bf)).index_add_(0, yc, qf * bf, alpha=-1)  # b G^T q (V, k)
             if want_bias:
-                grad_bias.add_(e.t() @ inv[:, 0]).index_add_(0, yc, torch.ones_like(yc, dtype=grad_bias.dtype),
-                                                             alpha=-1)
+                _add_grad_bias(grad_bias, e, inv, yc)
         ctx.save_for_backward(grad_q, grad_m, grad_a, grad_b, *([grad_bias] if want_bias else []))
         ctx.meta = (want_bias, m.dtype, a.shape, a.dtype, b.shape, b.dtype, bias.dtype if bias is not None else None)
         return total
