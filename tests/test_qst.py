@@ -145,16 +145,19 @@ def test_side_config_scales_width_and_keeps_heads_that_divide_it():
     from transformers import LlamaConfig
 
     cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=8)
-    side = side_config(cfg, 16, FAMILIES["llama"])
+    side = side_config(cfg, 16, FAMILIES["llama"])  # head dims >= 16 (MIN_HEAD_DIM): 16 heads of 16
     assert (side.hidden_size, side.intermediate_size, side.num_attention_heads, side.num_key_value_heads,
-            side.head_dim) == (256, 688, 32, 8, 8)
-    narrow = side_config(cfg, 64, FAMILIES["llama"])  # width 64: 8 heads of 8, not 32 of 2
+            side.head_dim) == (256, 688, 16, 8, 16)
+    ref = side_config(cfg, 16, FAMILIES["llama"], min_head_dim=8)  # the reference code's 32 heads of 8
+    assert (ref.num_attention_heads, ref.num_key_value_heads, ref.head_dim) == (32, 8, 8)
+    narrow = side_config(cfg, 64, FAMILIES["llama"])  # width 64: 4 heads of 16, not 32 of 2
     assert (narrow.hidden_size, narrow.num_attention_heads, narrow.num_key_value_heads, narrow.head_dim) == \
-        (64, 8, 8, 8)
+        (64, 4, 4, 16)
     from transformers import BertConfig
 
     minilm = BertConfig(hidden_size=384, intermediate_size=1536, num_attention_heads=12)
-    assert [side_config(minilm, r, FAMILIES["bert"]).num_attention_heads for r in (4, 8, 16, 64)] == [12, 6, 3, 1]
+    assert [side_config(minilm, r, FAMILIES["bert"]).num_attention_heads for r in (4, 8, 16, 64)] == [6, 3, 1, 1]
+    assert [side_config(minilm, r, FAMILIES["bert"], 8).num_attention_heads for r in (4, 8, 16, 64)] == [12, 6, 3, 1]
     with pytest.raises(ConfigError, match="adapter.r=3: does not divide the backbone's hidden size 4096"):
         side_config(cfg, 3, FAMILIES["llama"])
 
@@ -195,6 +198,10 @@ def test_train_saves_a_qst_adapter_that_loads_and_evaluates_the_same(tmp_path, c
     assert s["recipe"]["quantize"]["kind"] == "nf4"  # QST's default base: the paper's 4-bit backbone
     cfg = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "QST" and cfg["r"] == 4 and cfg["downsample"] == "adapter"
+    assert (cfg["mix"], cfg["min_head_dim"], cfg["side_heads"]) == ("scalar", 16, 1)  # width 16: one head of 16
+    old = {k: v for k, v in cfg.items() if k not in ("mix", "min_head_dim")}  # a file from before those keys
+    read = QSTMethod.config_from_file(old, tmp_path)
+    assert (read.mix, read.min_head_dim) == ("channel", 8)  # what such files were trained with
     trained = _logits(kept["run"].model)
     loaded = load_for_eval(str(tmp_path / "run"), [])
     assert torch.equal(_logits(loaded.model), trained)

@@ -10,7 +10,9 @@ trains. At r = 16 on LLaMA-2-7B's shape the trainable share is 0.43% (tests/test
 
 Keys: `adapter.r` (16: side width d/r), `adapter.downsample` (adapter | lora | linear | maxpool |
 avgpool), `adapter.rank` (16: the adapter/lora downsamplers' inner width), `adapter.mix` (scalar |
-channel: one α or one per channel, see memtune.side.network), `adapter.modules_to_save`.
+channel: one α or one per channel, see memtune.side.network), `adapter.min_head_dim` (16: the side's
+head count is the largest <= the backbone's with head dims at least this, see memtune.side.arch),
+`adapter.modules_to_save`.
 
 Files: PEFT's layout with memtune's own tag (PEFT has no QST): adapter_config.json with
 peft_type "QST" and adapter_model.safetensors holding the side network (`qst_side.*`) and the saved
@@ -29,7 +31,7 @@ from torch import nn
 
 from ..errors import ConfigError, MemtuneError, ModelError
 from ..recipe import AdapterConfig
-from ..side.arch import family_of
+from ..side.arch import MIN_HEAD_DIM, family_of
 from ..side.downsample import KINDS
 from ..side.network import SideNetwork, SideRunner
 from .base import ADAPTERS, AdapterMethod, set_trainable
@@ -47,10 +49,11 @@ class QSTConfig(AdapterConfig):
     # α of the output mix: one scalar (the paper's equation; lets the causal-LM loss skip dL/dh) or one
     # weight per channel (the reference code's lm_head_z)
     mix: Literal["scalar", "channel"] = "scalar"
+    min_head_dim: int = MIN_HEAD_DIM  # side heads: the largest count <= the backbone's with head dims >= this
     modules_to_save: list[str] | None = None  # trained in full next to the side network (default: a new head)
 
     def check(self, prefix: str) -> None:
-        for name in ("r", "rank"):
+        for name in ("r", "rank", "min_head_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name}: expected a positive integer, got {getattr(self, name)}")
         if self.mix not in ("scalar", "channel"):
@@ -72,6 +75,7 @@ class QSTMethod(AdapterMethod):
             return QSTConfig(r=int(peft_config["r"]), downsample=peft_config["downsample"],
                              rank=int(peft_config["downsample_rank"]),
                              mix=peft_config.get("mix", "channel"),  # files from before the key: per channel
+                             min_head_dim=int(peft_config.get("min_head_dim", 8)),  # before the key: 8
                              modules_to_save=peft_config.get("modules_to_save"), path=str(path))
         except (KeyError, TypeError, ValueError) as e:
             raise ModelError(f"{path}/adapter_config.json: not a QST config ({type(e).__name__}: {e})") from None
@@ -86,7 +90,7 @@ class QSTMethod(AdapterMethod):
         fam = family_of(model)
         set_trainable(model, False)
         self.saved_modules = self._modules_to_save(model)
-        side = SideNetwork(model, fam, c.r, c.downsample, c.rank, c.mix)
+        side = SideNetwork(model, fam, c.r, c.downsample, c.rank, c.mix, c.min_head_dim)
         model.add_module(SIDE, side)
         self.runner = SideRunner(model, side, fam)
         for name in self.saved_modules:
@@ -105,7 +109,8 @@ class QSTMethod(AdapterMethod):
         c, sc = self.config, self.side(model).config
         return {"peft_type": self.peft_type, "task_type": TASK_TYPES.get(self.task),
                 "base_model_name_or_path": base_name, "r": c.r, "downsample": c.downsample,
-                "downsample_rank": c.rank, "mix": c.mix, "modules_to_save": self.saved_modules or None,
+                "downsample_rank": c.rank, "mix": c.mix, "min_head_dim": c.min_head_dim,
+                "side_heads": getattr(sc, family_of(model).heads), "modules_to_save": self.saved_modules or None,
                 "inference_mode": True,
                 "side_layers": len(self.side(model).layers), "side_config": sc.to_diff_dict()}
 
@@ -133,7 +138,7 @@ class QSTMethod(AdapterMethod):
 
     def describe(self) -> dict:
         c = self.config
-        return {"r": c.r, "downsample": c.downsample, "rank": c.rank, "mix": c.mix,
+        return {"r": c.r, "downsample": c.downsample, "rank": c.rank, "mix": c.mix, "min_head_dim": c.min_head_dim,
                 "modules_to_save": self.saved_modules}
 
 

@@ -8,12 +8,16 @@ are mixed, and the backbone config scaled to the side network's width.
     bert          encoder.layer                     the last layer       BertLayer (post-LN: no side norm)
 
 Scaling to width d/r (`side_config`): hidden d -> d/r, intermediate (the MLP width) I -> I/r, and the
-backbone's head count H (as the QST reference code keeps it: LLaMA-2-7B at r = 16 has 32 heads of 8)
-reduced to the largest count that divides d/r into head dims of at least MIN_HEAD_DIM = 8, even for
-RoPE (which rotates pairs); key/value heads to the largest count <= the backbone's that divides the
-side's head count. MiniLM (384 wide, 12 heads) gets 3 heads of 8 at r = 16 rather than 12 of 2; on
-SST-2 that gained 2.2 points at r = 8 and cut the side's attention memory (BENCHMARKS.md). The side
-layers are built from the backbone's own layer class with that config (`type(layer)(config, layer_idx=i)`).
+backbone's head count H (the QST reference code keeps it: LLaMA-2-7B at r = 16 has 32 heads of 8)
+reduced to the largest count that divides d/r into head dims of at least `min_head_dim` (adapter key,
+default MIN_HEAD_DIM = 16), even for RoPE (which rotates pairs); key/value heads to the largest count
+<= the backbone's that divides the side's head count. LLaMA-2-7B at r = 16 gets 16 heads of 16, MiniLM
+(384 wide, 12 heads) one head of 24. Why not the reference code's count: on MiniLM its heads are 2
+channels wide, and head dims of 8 gained 2.2 SST-2 points at r = 8; head dims of 16 then scored the
+same as 8 over three seeds (0.7856 vs 0.7848) while a CPU attention over heads of 8 costs 3x that over
+heads of 16 for the same width (QST step 0.505 -> 0.472x QLoRA's; BENCHMARKS.md). Files saved before
+the key was written used 8. The side layers are built from the backbone's own layer class with that
+config (`type(layer)(config, layer_idx=i)`).
 """
 
 from __future__ import annotations
@@ -69,14 +73,14 @@ def mix_module(model: nn.Module, fam: Family) -> nn.Module | None:
         return None
 
 
-MIN_HEAD_DIM = 8
+MIN_HEAD_DIM = 16
 
 
 def _largest_divisor(n: int, at_most: int, ok=lambda d: True) -> int:
     return next(d for d in range(min(n, at_most), 0, -1) if n % d == 0 and ok(d))
 
 
-def side_config(config, r: int, fam: Family):
+def side_config(config, r: int, fam: Family, min_head_dim: int = MIN_HEAD_DIM):
     """The backbone's config at width d/r (see the module docstring)."""
     d = getattr(config, fam.hidden)
     if d % r:
@@ -85,9 +89,9 @@ def side_config(config, r: int, fam: Family):
     heads = getattr(config, fam.heads)
     rope = fam.rotary is not None
     even = lambda h: not rope or (ds // h) % 2 == 0  # noqa: E731  (RoPE rotates pairs of channels)
-    try:  # head dims of at least MIN_HEAD_DIM, so narrow side networks still attend usefully
-        hs = _largest_divisor(ds, heads, lambda h: ds // h >= MIN_HEAD_DIM and even(h))
-    except StopIteration:  # a side width below MIN_HEAD_DIM: one head of all of it
+    try:  # head dims of at least min_head_dim, so narrow side networks still attend usefully
+        hs = _largest_divisor(ds, heads, lambda h: ds // h >= min_head_dim and even(h))
+    except StopIteration:  # a side width below min_head_dim: one head of all of it
         hs = 1
     side = copy.deepcopy(config)
     setattr(side, fam.hidden, ds)

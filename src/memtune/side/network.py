@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..linear_ce import LowRankMix, declare_mix
-from .arch import Family, backbone_layers, mix_module, side_config
+from .arch import MIN_HEAD_DIM, Family, backbone_layers, mix_module, side_config
 from .downsample import downsampler
 
 CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
@@ -56,11 +56,11 @@ class SideNetwork(nn.Module):
     """The trainable part of QST: side layers g_i, downsamplers D_0..D_N, gates γ, norm, U and α."""
 
     def __init__(self, backbone: nn.Module, fam: Family, r: int, downsample: str, rank: int,
-                 mix: str = "scalar") -> None:
+                 mix: str = "scalar", min_head_dim: int = MIN_HEAD_DIM) -> None:
         super().__init__()
         cfg = backbone.config
         d = getattr(cfg, fam.hidden)
-        self.config = side_config(cfg, r, fam)
+        self.config = side_config(cfg, r, fam, min_head_dim)
         ds = getattr(self.config, fam.hidden)
         layers = backbone_layers(backbone, fam)
         n = len(layers)
