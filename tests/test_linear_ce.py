@@ -63,6 +63,25 @@ def test_the_factored_mix_loss_equals_the_loss_of_the_materialized_mix(bias, row
         torch.testing.assert_close(a, t.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_the_factored_mix_loss_in_bf16_matches_the_materialized_mix_within_bf16_tolerance():
+    """A bf16 head: q M^T in bf16 (the addmm fast path is fp32's), reduced in fp32 like the plain loss."""
+    g = torch.Generator().manual_seed(5)
+    c = torch.randn(30, 16, generator=g).bfloat16()
+    q = torch.randn(30, 4, generator=g).bfloat16().requires_grad_()
+    proj = torch.randn(16, 4, generator=g).bfloat16().requires_grad_()
+    alpha = torch.tensor([0.8], dtype=torch.bfloat16, requires_grad=True)
+    w, y = torch.randn(200, 16, generator=g).bfloat16(), torch.randint(0, 200, (30,), generator=g)
+    got = mix_cross_entropy(LowRankMix(alpha, c, 1 - alpha, q, proj), w, None, y, rows=7)
+    got.backward()
+    grads = [t.grad.float() for t in (q, proj, alpha)]
+    want = _reference((alpha * c + (1 - alpha) * q @ proj.t()).float(), w.float(), None, y)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-1)
+    leaves = [t.detach().float().requires_grad_() for t in (q, proj, alpha)]
+    _reference(leaves[2] * c.float() + (1 - leaves[2]) * leaves[0] @ leaves[1].t(), w.float(), None, y).backward()
+    for a, t in zip(grads, leaves):
+        torch.testing.assert_close(a, t.grad, rtol=5e-2, atol=5e-2)
+
+
 def test_the_factored_mix_loss_declines_what_it_cannot_factor():
     g = torch.Generator().manual_seed(4)
     c, q, proj = torch.randn(5, 8, generator=g), torch.randn(5, 2, generator=g), torch.randn(8, 2, generator=g)

@@ -176,6 +176,7 @@ class _MixLinearCrossEntropy(torch.autograd.Function):
         want_bias = bias is not None and ctx.needs_input_grad[6]
         total = torch.zeros((), dtype=torch.float32, device=c.device)
         af, bf = a.float().reshape(()), b.float().reshape(())
+        af_, bf_ = float(af), float(bf)  # addmm's scalars
         grad_q = torch.empty_like(q)
         grad_m = torch.zeros(m.shape, dtype=torch.float32, device=m.device)  # (V, k)
         grad_a = torch.zeros((), dtype=torch.float32, device=c.device)
@@ -184,7 +185,10 @@ class _MixLinearCrossEntropy(torch.autograd.Function):
         for s in range(0, c.shape[0], rows):
             cc, qc, yc = c[s:s + rows], q[s:s + rows], targets[s:s + rows]  # (r, d), (r, k), (r,)
             zc = _chunk_logits(cc.to(weight.dtype), weight, None)  # c W^T (r, V), kept for dL/da
-            z = _chunk_logits(qc.to(m.dtype), m, None).mul_(bf).addcmul_(zc, af)  # a c W^T + b q M^T
+            if m.dtype == torch.float32:  # a c W^T + b q M^T in one addmm (no pass over (r, V) to scale and add)
+                z = torch.addmm(zc, qc.float(), m.t(), beta=af_, alpha=bf_)
+            else:  # q M^T in the head's dtype, as the unfused path computes logits
+                z = _chunk_logits(qc.to(m.dtype), m, None).mul_(bf).add_(zc, alpha=af_)
             if bias is not None:
                 z.add_(bias.float())
             e, norm, loss = _exp_shifted(z, yc)
@@ -195,7 +199,7 @@ class _MixLinearCrossEntropy(torch.autograd.Function):
             qf = qc.float()
             grad_b += (gq * qf).sum()  # <G M, q>
             grad_a -= zc.gather(1, yc[:, None]).sum()  # <G, c W^T> = sum (e / S) (c W^T) - (c W^T)_y
-            grad_a += (zc.mul_(e).sum(1, keepdim=True) * inv).sum()
+            grad_a += (torch.linalg.vecdot(zc, e) * inv[:, 0]).sum()
             grad_m.addmm_(e.t(), qf * (inv * bf)).index_add_(0, yc, qf * bf, alpha=-1)  # b G^T q (V, k)
             if want_bias:
                 _add_grad_bias(grad_bias, e, inv, yc)
@@ -212,11 +216,17 @@ class _MixLinearCrossEntropy(torch.autograd.Function):
                 (gbias[0] * grad_out).to(bias_dtype) if want_bias else None, None, None)
 
 
+def mix_applies(mix: LowRankMix, weight: torch.Tensor) -> bool:
+    """Whether mix_cross_entropy can use the factors: a gradient is wanted (without one the plain loss is as
+    cheap), the head is frozen (a trained head needs dL/dW = G^T h) and c needs no gradient of its own."""
+    return torch.is_grad_enabled() and not weight.requires_grad and not mix.c.requires_grad
+
+
 def mix_cross_entropy(mix: LowRankMix, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                       rows: int | None = None) -> torch.Tensor | None:
     """linear_cross_entropy of h = `mix` through a frozen head, from the factors; None where the factored
-    form does not apply (no gradient wanted, a trainable head, or a c that needs its own gradient)."""
-    if not torch.is_grad_enabled() or weight.requires_grad or mix.c.requires_grad:
+    form does not apply (`mix_applies`)."""
+    if not mix_applies(mix, weight):
         return None
     rows = rows or chunk_rows(weight.shape[0])
     m = weight @ mix.proj.to(weight.dtype)  # M = W P (V, k)

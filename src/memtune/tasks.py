@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import IGNORE
-from .linear_ce import linear_cross_entropy, mix_cross_entropy, mix_of
+from .linear_ce import linear_cross_entropy, mix_applies, mix_cross_entropy, mix_of
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
@@ -142,10 +142,11 @@ class CausalLMTask(Task):
             hidden = body(**model_inputs(batch), use_cache=False).last_hidden_state  # (B, T, d)
             pick = lambda t: t[:, :-1][keep]  # noqa: E731  (B, T, .) -> (N, .)
             mix = mix_of(hidden)  # a frozen stream plus a low-rank one (QST's α-mix): dL/dh is not needed
-            loss = mix_cross_entropy(mix.rows(pick), head.weight, head.bias, labels[keep]) if mix else None
-            if loss is None:
-                loss = linear_cross_entropy(pick(hidden), head.weight, head.bias, labels[keep])
-            return loss, {}
+            if mix is not None and mix_applies(mix, head.weight):
+                mix = mix.rows(pick)
+                del hidden  # h, the full c and what h's graph saved: the loss needs only the picked factors
+                return mix_cross_entropy(mix, head.weight, head.bias, labels[keep]), {}
+            return linear_cross_entropy(pick(hidden), head.weight, head.bias, labels[keep]), {}
         cols = keep.any(0).nonzero()
         first = int(cols[0]) if len(cols) and _keeps_logits(model) else 0
         extra = {"logits_to_keep": labels.shape[1] + 1 - first} if first else {}
