@@ -133,6 +133,13 @@ QST_METHODS = {
     "qlora (mean pooling)": METHODS["qlora"] + ["pooling=mean"],
     "qst r=16, lr 3e-3 (mean pooling)": ["adapter.kind=qst", "adapter.r=16", "optimizer.lr=3e-3", "pooling=mean"],
     "qst r=8, lr 3e-3 (mean pooling)": ["adapter.kind=qst", "adapter.r=8", "optimizer.lr=3e-3", "pooling=mean"],
+    # the adapter downsampler's inner width 16 -> 64 (paper Table 6 keeps 16)
+    "qst r=16, rank 64, lr 3e-3 (mean pooling)": ["adapter.kind=qst", "adapter.r=16", "adapter.rank=64",
+                                                  "optimizer.lr=3e-3", "pooling=mean"],
+    # what the frozen NF4 backbone's features give a linear classifier alone (backprop into the head only)
+    "linear probe, lr 1e-2": ["adapter.kind=head", "quantize.kind=nf4", "optimizer.lr=1e-2"],
+    "linear probe, lr 1e-2 (mean pooling)": ["adapter.kind=head", "quantize.kind=nf4", "optimizer.lr=1e-2",
+                                             "pooling=mean"],
 }
 SUITES = {"backprop": METHODS, "mezo": MEZO_METHODS, "adapters": ADAPTER_METHODS, "qst": QST_METHODS}
 
