@@ -175,8 +175,7 @@ class _MixLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, c, q, m, a, b, weight, bias, targets, rows):
         want_bias = bias is not None and ctx.needs_input_grad[6]
         total = torch.zeros((), dtype=torch.float32, device=c.device)
-        af, bf = a.float().reshape(()), b.float().reshape(())
-        af_, bf_ = float(af), float(bf)  # addmm's scalars
+        af, bf = float(a), float(b)  # one-element tensors -> the scalars addmm and the scalings take
         grad_q = torch.empty_like(q)
         grad_m = torch.zeros(m.shape, dtype=torch.float32, device=m.device)  # (V, k)
         grad_a = torch.zeros((), dtype=torch.float32, device=c.device)
@@ -186,9 +185,9 @@ class _MixLinearCrossEntropy(torch.autograd.Function):
             cc, qc, yc = c[s:s + rows], q[s:s + rows], targets[s:s + rows]  # (r, d), (r, k), (r,)
             zc = _chunk_logits(cc.to(weight.dtype), weight, None)  # c W^T (r, V), kept for dL/da
             if m.dtype == torch.float32:  # a c W^T + b q M^T in one addmm (no pass over (r, V) to scale and add)
-                z = torch.addmm(zc, qc.float(), m.t(), beta=af_, alpha=bf_)
+                z = torch.addmm(zc, qc.float(), m.t(), beta=af, alpha=bf)
             else:  # q M^T in the head's dtype, as the unfused path computes logits
-                z = _chunk_logits(qc.to(m.dtype), m, None).mul_(bf).add_(zc, alpha=af_)
+                z = _chunk_logits(qc.to(m.dtype), m, None).mul_(bf).add_(zc, alpha=af)
             if bias is not None:
                 z.add_(bias.float())
             e, norm, loss = _exp_shifted(z, yc)
