@@ -46,6 +46,12 @@ GB = 10 ** 9
 STEPS = "train.measure_memory_steps=2"  # the peak is reached in step 2 (state exists); plans stay short
 BF16 = ["train.precision=bf16"]
 NF4 = ["quantize.kind=nf4", "quantize.compute_dtype=bf16"]
+# the MeZO scripts' fine-tuning setting (large_models/finetune.sh: `--fp16` over weights loaded in fp32, HF
+# Trainer's AMP); memtune's autocast is bf16, the same bytes per tensor
+AMP = ["train.precision=bf16"]
+# the QST reference code's side network (modeling_llama_qst.py): its own eager LlamaAttention (scores
+# materialized, softmax in fp32) and the backbone's head count (64 heads of 8 at r=16)
+QST_REFERENCE = ["attention.kind=eager", "adapter.min_head_dim=1"]
 
 # (paper, row, published GB, recipe overrides, batch, seq, setting we chose)
 PAPERS = [
@@ -55,9 +61,9 @@ PAPERS = [
       for m, pub, o, s in (("zero-shot/MeZO", pubs[0], ["optimizer.kind=mezo", "quantize.dtype=fp16"],
                             "fp16 weights, forward only"),
                            ("prefix FT", pubs[1], ["adapter.kind=prefix", "adapter.num_virtual_tokens=5",
-                                                "adapter.prefix_projection=false", "quantize.dtype=fp32"],
-                            "fp32, AdamW, 5 prefix tokens, no reparameterization"),
-                           ("full FT", pubs[2], ["quantize.dtype=fp32"], "fp32, AdamW"))
+                                                "adapter.prefix_projection=false", "quantize.dtype=fp32", *AMP],
+                            "fp32 weights, 16-bit autocast, AdamW, 5 prefix tokens, no reparameterization"),
+                           ("full FT", pubs[2], ["quantize.dtype=fp32", *AMP], "fp32 weights, 16-bit autocast, AdamW"))
       if pub is not None],
     ("QST Fig1a LLaMA-2-70B", "full FT", 757, ["model=llama-2-70b", STEPS, *BF16], 16, 384,
      "bf16 weights and AdamW state"),
@@ -67,6 +73,12 @@ PAPERS = [
                                           *BF16], 16, 384, "side network r=16 over bf16 weights"),
     ("QST Fig1a LLaMA-2-70B", "QST", 109, ["model=llama-2-70b", STEPS, "adapter.kind=qst", *NF4, *BF16], 16, 384,
      "side network r=16 over NF4"),
+    ("QST Fig1a LLaMA-2-70B", "LST, reference code's side attention", 242,
+     ["model=llama-2-70b", STEPS, "adapter.kind=qst", "quantize.kind=none", *BF16, *QST_REFERENCE], 16, 384,
+     "side network r=16 over bf16 weights; eager attention, 64 side heads of 8"),
+    ("QST Fig1a LLaMA-2-70B", "QST, reference code's side attention", 109,
+     ["model=llama-2-70b", STEPS, "adapter.kind=qst", *NF4, *BF16, *QST_REFERENCE], 16, 384,
+     "side network r=16 over NF4; eager attention, 64 side heads of 8"),
     ("QLoRA 65B on 48 GB", "QLoRA", 48, ["model=llama-65b", STEPS, "adapter.kind=lora", "adapter.r=64", *NF4, *BF16,
                                         "train.gradient_checkpointing=true", "optimizer.paged=true"], 1, 512,
      "r=64 all linear, checkpointing, paged AdamW, 512 tokens; published: fits 48 GB"),

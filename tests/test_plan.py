@@ -54,6 +54,8 @@ RECIPES = {
     "checkpointing": LM + ["train.gradient_checkpointing=true"],
     "grad-accum": LM + ["adapter.kind=lora", "train.grad_accum=2"],
     "s2-attention": LM + ["adapter.kind=lora", "attention.kind=s2"],
+    "eager-attention": LM + ["adapter.kind=lora", "attention.kind=eager"],
+    "qst-eager-attention": LM + ["adapter.kind=qst", "attention.kind=eager"],
     "adamw-foreach": LM + ["optimizer.implementation=foreach"],
     "adamw-fused": LM + ["optimizer.implementation=fused"],
     "opt-lora": [a.replace("tiny-llama", "tiny-opt") for a in LM] + ["adapter.kind=lora"],

@@ -141,7 +141,12 @@ def _check_attention(r: "_recipe.Recipe") -> None:
     if r.attention is not None and own is not None:
         raise ConfigError(f"attention with adapter.kind={r.adapter.kind}: this adapter sets its attention itself "
                           f"(adapter.attention=s2|dense, adapter.group_ratio); remove the attention: section")
-    where = "attention.kind=s2" if getattr(r.attention, "kind", None) == "s2" else (
+    kind = getattr(r.attention, "kind", None)
+    if kind == "eager" and r.tokentune is not None:
+        raise ConfigError("tokentune with attention.kind=eager: TokenTune replaces the model's attention function "
+                          "with its own two-stream attention (over SDPA), so the eager kernel would not run; use "
+                          "one of them (attention.kind=dense)")
+    where = "attention.kind=s2" if kind == "s2" else (
         f"adapter.kind={r.adapter.kind} (adapter.attention=s2)" if own == "s2" else None)
     if where is None:
         return

@@ -20,7 +20,7 @@ from torch import nn
 
 from .adapters import ADAPTERS, AdapterMethod, method_for_saved
 from .adapters.peft_format import read_config
-from .attention import apply_attention
+from .attention import apply_attention, set_kernel
 from .data import TokenizedData, infer_labels, load_data, read_records
 from .data.readers import Record
 from .errors import ConfigError
@@ -187,6 +187,7 @@ def build_run(recipe: Recipe, train_records: list[Record] | None = None,
         recipe.adapter = method.config
     else:
         method = ADAPTERS.get(recipe.adapter.kind)(recipe.adapter, adapter_task)
+    set_kernel(model, recipe.attention)  # eager attention, before an adapter copies the model's config
     method.attach(model)
     if path:
         method.load(model, Path(path))
