@@ -14,7 +14,8 @@ same code. `apply_attention(model, config)` runs after the adapter is attached.
 are materialized, (B, H, T, T) per layer, and autograd keeps them (fp32 probabilities and their cast to
 the compute dtype) for backward, where SDPA keeps O and a (B, H, T) log-sum-exp. It is the attention of
 the reference implementations papers measured (the QST code's side network among them), so `memtune
-plan` can price it: 70B QST at batch 16 x 384 keeps 73 GB more with it (BENCHMARKS.md). It is set with
+plan` can price it: 70B QST at batch 16 x 384 with the reference code's side network (eager, 64 heads of 8)
+keeps 73 GB more than memtune's (SDPA, heads of 16; BENCHMARKS.md). It is set with
 `set_kernel` before the adapter attaches, so layers an adapter builds from the model's config (QST's side
 network) use it too.
 """
