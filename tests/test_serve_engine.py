@@ -102,7 +102,7 @@ def test_mixed_batch_equals_peft_per_adapter(base, adapter_dirs):
         assert r.finish_reason == "length"
 
 
-@pytest.mark.parametrize("kernel", ["segment", "gather"])
+@pytest.mark.parametrize("kernel", ["segment", "gather", "native"])
 def test_kernels_equal_peft_mixed_batch(base, adapter_dirs, kernel):
     """Every adapted layer: our packed rows with each kernel equal PEFT's mixed-batch layer forward
     (`adapter_names`, one adapter per row) on the same input."""
@@ -116,7 +116,7 @@ def test_kernels_equal_peft_mixed_batch(base, adapter_dirs, kernel):
     checked = 0
     for name, layer in [(n, m) for n, m in eng.model.named_modules() if type(m).__name__ == "BatchedLoraLinear"]:
         h = torch.randn(len(names), 7, layer.in_features)
-        eng.lora.step = StepLora(segs, factors, kernel)
+        eng.lora.step = eng.step_lora(segs, factors, kernel)
         with torch.no_grad():
             ours = layer(h.reshape(1, -1, layer.in_features)).reshape(len(names), 7, -1)
             expect = peft_model.base_model.model.get_submodule(name)(h, adapter_names=names)
@@ -126,8 +126,9 @@ def test_kernels_equal_peft_mixed_batch(base, adapter_dirs, kernel):
     assert checked == 14
 
 
-def test_segment_and_gather_kernels_agree(base, adapter_dirs):
-    """Both kernels over every module of every adapter, with base-only tokens between segments."""
+def test_segment_gather_and_native_kernels_agree(base, adapter_dirs):
+    """The three kernels over every module of every adapter, with base-only tokens between segments
+    (segments of 1-3 tokens: the native kernel's GEMV path; the PEFT test above covers its GEMM path)."""
     names = list(adapter_dirs)
     eng = engine(base, adapter_dirs)
     factors = [eng.adapters.acquire(n) for n in names]
@@ -138,12 +139,13 @@ def test_segment_and_gather_kernels_agree(base, adapter_dirs):
     for layer in [m for m in eng.model.modules() if type(m).__name__ == "BatchedLoraLinear"]:
         x = torch.randn(start, layer.in_features)
         outs = {}
-        for kernel in ("segment", "gather"):
-            eng.lora.step = StepLora(segs, factors, kernel)
+        for kernel in ("segment", "gather", "native"):
+            eng.lora.step = eng.step_lora(segs, factors, kernel)
             with torch.no_grad():
                 outs[kernel] = layer(x[None])[0]
         eng.lora.step = None
         torch.testing.assert_close(outs["segment"], outs["gather"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(outs["segment"], outs["native"], rtol=1e-5, atol=1e-5)
         with torch.no_grad():
             torch.testing.assert_close(outs["segment"][:3], layer.base_layer(x[:3]))
 
@@ -151,10 +153,10 @@ def test_segment_and_gather_kernels_agree(base, adapter_dirs):
 def test_engine_kernels_give_same_tokens(base, adapter_dirs):
     ps, names = prompts(6, seed=3), list(adapter_dirs)
     outs = []
-    for kernel in ("segment", "gather"):
+    for kernel in ("segment", "gather", "native"):
         eng = engine(base, adapter_dirs, lora_kernel=kernel)
         outs.append([r.output_ids for r in eng.generate(ps, names, SamplingParams(max_tokens=8, ignore_eos=True))])
-    assert outs[0] == outs[1]
+    assert outs[0] == outs[1] == outs[2]
 
 
 def test_paged_attention_equals_dense_cache(base):

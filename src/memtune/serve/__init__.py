@@ -6,6 +6,7 @@
     adapter_cache.py   host store + LRU of device-resident adapters, pinned while in use
     adapters.py        PEFT-format LoRA / DyLoRA / AdaLoRA directories read and checked
     lora_kernels.py    heterogeneous-rank LoRA: sorted segments, rank-bucketed gather (BGMV)
+    native_lora.py     the segment loop in C++ on the CPU (csrc/sgmv_cpu.cpp, built on first use)
     batched_lora.py    the wrapped linear layer that applies them
     paged_attention.py attention over pages, registered with transformers
     sampling.py        greedy / temperature / top-k / top-p / seeds / stop strings

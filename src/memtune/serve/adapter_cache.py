@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from .adapters import AdapterError, HostAdapter, read_lora_dir
-from .lora_kernels import Factor
+from .lora_kernels import AdapterViews, Factor
 from .pool import PagePool, PoolFull
 
 NAME_RE = re.compile(r"^[\w.\-]{1,64}$")
-Factors = dict[str, Factor]  # module -> its factors, views into the pool
+Factors = AdapterViews  # module -> its factors, views into the pool (and their offset table)
 
 
 class AdapterCache:
@@ -106,19 +106,24 @@ class AdapterCache:
                     raise
         t0 = time.perf_counter()
         factors, offset = {}, 0
-        for module, m in adapter.modules.items():  # packed A then B, module by module
+        index = {module: i for i, module in enumerate(self.shapes)}
+        table = torch.zeros(len(index), 3, dtype=torch.long)  # (M, 3): A offset, Bt offset, rank
+        scales = torch.zeros(len(index), dtype=torch.float32)
+        for module, m in adapter.modules.items():  # packed A (r, d_in) then B^T (r, d_out), module by module
             a = flat[offset:offset + m.a.numel()].view(m.a.shape)
             offset += m.a.numel()
-            b = flat[offset:offset + m.b.numel()].view(m.b.shape)
+            bt = flat[offset:offset + m.b.numel()].view(m.b.shape[::-1])
             offset += m.b.numel()
             a.copy_(m.a, non_blocking=True)
-            b.copy_(m.b, non_blocking=True)
-            factors[module] = Factor(a, b, m.scale, a.t(), b.t())
+            bt.copy_(m.b.t(), non_blocking=True)
+            factors[module] = Factor(a, bt.t(), m.scale, a.t(), bt)
+            table[index[module]] = torch.tensor([a.storage_offset(), bt.storage_offset(), m.a.shape[0]])
+            scales[index[module]] = m.scale
         if flat.device.type == "cuda":
             torch.cuda.current_stream().synchronize()
         self.load_seconds += time.perf_counter() - t0
         self.loads += 1
-        return factors
+        return AdapterViews(factors, table, scales)
 
     def stats(self) -> dict:
         return {"registered": len(self.host), "resident": len(self.resident), "pinned": len(self.pins),

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelError
+from . import native_lora
 from .adapter_cache import AdapterCache
 from .adapters import AdapterError, linear_shapes
 from .batched_lora import LoraContext, wrap_linears
@@ -50,15 +51,17 @@ class EngineConfig:
     max_prefill_tokens: int = 2048  # prompt tokens admitted per step (one long prompt always fits)
     max_adapters: int = 32  # distinct adapters per batch
     max_resident_adapters: int = 0  # adapters kept on the device at once (0: as many as the pool holds)
-    lora_kernel: str = "auto"  # segment | gather | auto (gather for decode-only steps on CUDA)
+    # segment | gather | native (C++, CPU) | auto: native on CPU when it builds (else segment), on CUDA
+    # gather for decode-only steps and segment otherwise
+    lora_kernel: str = "auto"
     seed: int = 0  # generator for requests without a seed of their own
 
     def check(self) -> None:
         for name in ("page_tokens", "max_running", "max_prefill_tokens", "max_adapters"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"serve.{name}: expected >= 1, got {getattr(self, name)}")
-        if self.lora_kernel not in ("segment", "gather", "auto"):
-            raise ConfigError(f"serve.lora_kernel: expected segment, gather or auto, got {self.lora_kernel!r}")
+        if self.lora_kernel not in ("segment", "gather", "native", "auto"):
+            raise ConfigError(f"serve.lora_kernel: expected segment, gather, native or auto, got {self.lora_kernel!r}")
         if 0 < self.max_resident_adapters < self.max_adapters:
             raise ConfigError(f"serve.max_resident_adapters ({self.max_resident_adapters}) must be >= max_adapters "
                               f"({self.max_adapters}): every adapter of a batch is on the device")
@@ -93,6 +96,7 @@ class Engine:
         cfg = model.config
         self.device = model.get_input_embeddings().weight.device
         self.dtype = model.get_input_embeddings().weight.dtype
+        self.native = self._native_kernel(config.lora_kernel)  # before the model is touched: it may refuse
         self.max_len = int(cfg.max_position_embeddings)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         shape = PoolShape(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, config.page_tokens)
@@ -116,6 +120,24 @@ class Engine:
         self.steps = 0
         self.forward_seconds = 0.0
         self.last_logits: dict[int, torch.Tensor] = {}
+
+    def _native_kernel(self, kernel: str) -> bool:
+        """Whether this engine's steps use the native kernel (auto on CPU when it builds, or asked for)."""
+        if kernel not in ("native", "auto") or (kernel == "auto" and self.device.type != "cpu"):
+            return False
+        if self.device.type != "cpu":
+            raise ConfigError(f"serve.lora_kernel=native runs on the CPU; the model is on {self.device}")
+        if native_lora.load() is None:
+            if kernel == "native":
+                raise ConfigError(f"serve.lora_kernel=native: the C++ kernel did not build ({native_lora.build_error()})"
+                                  "; use segment")
+            return False
+        return True
+
+    def step_lora(self, segments: list[Segment], adapters: list, kernel: str) -> StepLora:
+        """One step's LoRA metadata for `kernel` (what every wrapped layer reads during the forward)."""
+        modules = {module: i for i, module in enumerate(self.shapes)}  # the adapters' table rows
+        return StepLora(segments, adapters, kernel, self.pool.storage.view(-1), modules)
 
     # -- adapters ------------------------------------------------------------------------------------
     def add_adapter(self, name: str, path, rank: int | None = None) -> None:
@@ -237,8 +259,8 @@ class Engine:
                           [(s, e, pg.to(dev), n) for s, e, pg, n in prefills], d_rows, d_pages, d_mask)
         kernel = self.config.lora_kernel
         if kernel == "auto":
-            kernel = "gather" if dev.type == "cuda" and not prefills else "segment"
-        lora = StepLora(segments, adapters, kernel)
+            kernel = "native" if self.native else "gather" if dev.type == "cuda" and not prefills else "segment"
+        lora = self.step_lora(segments, adapters, kernel)
         as_tensor = lambda v: torch.tensor([v], dtype=torch.long, device=dev)  # noqa: E731
         return paged, lora, as_tensor(ids), as_tensor(pos), torch.tensor(last, device=dev)
 

@@ -12,6 +12,9 @@ the largest rank in the batch. Two forms, equal up to float summation order:
            token (BGMV): one batched product for every token of that rank whatever its adapter.
            Built for decode (one token per sequence, many adapters); it materializes T x r x d
            per bucket, which is why prefill does not use it.
+  native   the segment loop in C++ (`native_lora`, CPU only): one call per layer per step, reading
+           each adapter's factors in place from the pool through its offset table; decode
+           segments as GEMVs, prefill segments as the same GEMMs as `segment`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from typing import NamedTuple
 
 import torch
 
+from . import native_lora
+
 
 class Factor(NamedTuple):
     """One module of one resident adapter: views into its pool pages (and their transposes, made once)."""
@@ -29,7 +34,20 @@ class Factor(NamedTuple):
     b: torch.Tensor  # (d_out, r)
     scale: float
     at: torch.Tensor  # (d_in, r) view
-    bt: torch.Tensor  # (r, d_out) view
+    bt: torch.Tensor  # (r, d_out), contiguous in the pool (b is its transposed view)
+
+
+@dataclass
+class AdapterViews:
+    """One adapter resident in the pool: its factors by module, and the same as the native kernel's
+    table over the engine's module order (rows of modules the adapter does not adapt have rank 0)."""
+
+    modules: dict[str, Factor]
+    table: torch.Tensor  # (M, 3) int64: A's and Bt's element offsets in the pool storage, rank
+    scales: torch.Tensor  # (M,) float32
+
+    def get(self, module: str) -> Factor | None:
+        return self.modules.get(module)
 
 
 @dataclass
@@ -81,13 +99,19 @@ class StepLora:
     call of the step (factors differ per module; token rows do not)."""
 
     segments: list[Segment]
-    adapters: list[dict[str, Factor]]
-    kernel: str  # "segment" | "gather"
+    adapters: list[AdapterViews]
+    kernel: str  # "segment" | "gather" | "native"
+    pool: torch.Tensor | None = None  # native: the pool's storage, flat (the tables' offsets index it)
+    modules: dict[str, int] | None = None  # native: module name -> its row in the tables
     _buckets: dict[str, list[Bucket]] = field(default_factory=dict)
     _cuts: tuple[list[int], list[tuple[int, int]]] | None = None  # piece lengths; (piece, slot) per segment
+    _native: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # seg (S, 2), meta (S, M, 3), scale
 
     def apply(self, module: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x (T, d_in), y (T, d_out) after the base layer; returns y with every token's term added."""
+        if self.kernel == "native":
+            seg, meta, scale = self._native or self._tables()
+            return native_lora.load().sgmv_(y, x.contiguous(), self.pool, seg, meta, scale, self.modules[module])
         if self.kernel == "gather":
             if module not in self._buckets:
                 self._buckets[module] = self._bucketize(module, y.device)
@@ -95,6 +119,14 @@ class StepLora:
         lengths, slots = self._cuts or self._cut(x.shape[0])
         pieces = [(i, f) for i, slot in slots if (f := self.adapters[slot].get(module)) is not None]
         return segment_lora(y, x, lengths, pieces)
+
+    def _tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The native kernel's step tables, once per step: segment bounds and each segment's adapter row."""
+        seg = torch.tensor([[sg.start, sg.end] for sg in self.segments], dtype=torch.long)  # (S, 2)
+        meta = torch.stack([self.adapters[sg.slot].table for sg in self.segments])  # (S, M, 3)
+        scale = torch.stack([self.adapters[sg.slot].scales for sg in self.segments])  # (S, M)
+        self._native = seg, meta, scale
+        return self._native
 
     def _cut(self, total: int) -> tuple[list[int], list[tuple[int, int]]]:
         """Piece lengths covering [0, T): the segments and the base-only gaps between them."""
