@@ -67,7 +67,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +78,7 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).parent))
 from common import mib, pick_device, save, table  # noqa: E402
 
-from memtune.serve import Engine, EngineConfig, SamplingParams  # noqa: E402
+from memtune.serve import Engine, EngineConfig, SamplingParams, native_lora  # noqa: E402
 
 MODELS = {  # random-init Llama shapes (vocab 32000, context 2048)
     "llama-tiny": {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 2,
@@ -299,9 +299,9 @@ STAT_COUNTERS = ("steps", "forward_seconds", "preemptions", "page_moves", "loads
 
 
 def run_engine(base, trace: list[TraceRequest], dirs: list[Path] | None, config: EngineConfig,
-               device: torch.device, tokenizer=None) -> Run:
+               device: torch.device, tokenizer=None, system: str = ENGINE) -> Run:
     """Real-time replay: arrived requests join between steps; `dirs` None serves the base model alone.
-    `tokenizer`: what the engine detokenizes with (default: nothing, IdTokenizer)."""
+    `tokenizer`: what the engine detokenizes with (default: nothing, IdTokenizer); `system`: the row's name."""
     reset_device_peak(device)
     eng = Engine(copy.deepcopy(base), tokenizer or IdTokenizer(), copy.deepcopy(config))
     t = time.perf_counter()
@@ -333,7 +333,7 @@ def run_engine(base, trace: list[TraceRequest], dirs: list[Path] | None, config:
     stats = {**after, **{k: after[k] - before[k] for k in STAT_COUNTERS}}
     memory = {**eng.memory(), "kv_pages": peak_kv, "adapter_pages": peak_adapters, "rss": rss(),
               "device_peak": device_peak(device)}
-    return Run(ENGINE if dirs is not None else BASE_ONLY, len(dirs) if dirs is not None else None, records, t0,
+    return Run(system if dirs is not None else BASE_ONLY, len(dirs) if dirs is not None else None, records, t0,
                memory, stats, setup)
 
 
@@ -545,6 +545,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--page-tokens", type=int, default=16)
     ap.add_argument("--adapter-dir", default=None, help="where adapters are written and reused")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--lora-kernel", default="auto", help="engine kernels, comma-separated (segment, gather, native, "
+                    "auto); the first gives the '" + ENGINE + "' rows and the targets, the others extra rows")
     args = ap.parse_args()
     if args.quick:
         for k, v in QUICK.items():
@@ -570,7 +572,8 @@ def main() -> None:
     dirs = write_adapters(root, max(ns), ranks, target_shapes(base), dtype, f"random-init {args.model}")
     peft_err = check_adapter_format(base, dirs[min(3, len(dirs) - 1)])
     config = EngineConfig(pool_mib=args.pool_mib, page_tokens=args.page_tokens, max_running=args.max_running,
-                          max_adapters=args.max_adapters, max_prefill_tokens=2048)
+                          max_adapters=args.max_adapters, max_prefill_tokens=2048,
+                          lora_kernel=args.lora_kernel.split(",")[0])
     traces = {n: s_lora_trace(n, args.alpha, args.rate, args.cv, args.duration, inp, outp, base.config.vocab_size)
               for n in ns}
     first = traces[ns[0]]
@@ -589,9 +592,12 @@ def main() -> None:
 
     if "c" in baselines:
         done(run_engine(base, first, None, config, device))  # the base-only trace ignores adapter indices
+    kernels = args.lora_kernel.split(",")
     for n in ns:
         trace = traces[n]
-        done(run_engine(base, trace, dirs[:n], config, device))
+        for k in kernels:
+            done(run_engine(base, trace, dirs[:n], replace(config, lora_kernel=k), device,
+                            system=ENGINE if k == kernels[0] else f"{ENGINE} ({k})"))
         if n <= args.baseline_max_n:
             if "a" in baselines:
                 done(run_merge_swap(base, trace, dirs[:n], args.max_running, device))
@@ -610,7 +616,7 @@ def main() -> None:
     name = "serve_throughput" + ("-cuda" if device.type == "cuda" else "") + ("-quick" if args.quick else "")
     payload = {"args": vars(args), "model_config": base.config.to_diff_dict(), "engine_config": asdict(config),
                "requests": len(first), "adapter_dir": str(root), "peft_merge_max_err": peft_err,
-               "peak_rss": peak_rss(),
+               "peak_rss": peak_rss(), "native_kernel_built": native_lora.load() is not None,
                "rows": [{"system": r.system, "n": r.n, **r.summary(), "memory": r.memory, "stats": r.stats,
                          "setup_seconds": r.setup_seconds} for r in runs], "targets": goals}
     print(f"wrote {save(name, payload)}")

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from memtune.models import byte_tokenizer
 from memtune.serve import AdapterError, Engine, EngineConfig, SamplingParams
 from memtune.serve.batched_lora import LoraContext, wrap_linears
-from memtune.serve.lora_kernels import Segment, StepLora
+from memtune.serve.lora_kernels import Segment
 from memtune.serve.pool import PagePool, PoolFull, PoolShape
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -47,7 +47,7 @@ class AdapterCache:
             raise AdapterError(f"adapter '{name}' ({path}): needs {needed} pool pages, the pool has "
                                f"{self.pool.num_pages}; raise the pool size")
         if self.pool.device.type == "cuda":
-            adapter.modules = {k: type(m)(m.a.pin_memory(), m.b.pin_memory(), m.scale)
+            adapter.modules = {k: type(m)(m.a.pin_memory(), m.b.t().pin_memory().t(), m.scale)
                                for k, m in adapter.modules.items()}
         self.host[name] = adapter
         return adapter

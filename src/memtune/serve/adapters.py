@@ -43,7 +43,8 @@ class AdapterError(ModelError):
 
 @dataclass
 class ModuleLora:
-    """One adapted module: delta(x) = scale * (x @ a.T) @ b.T. a (r, d_in), b (d_out, r)."""
+    """One adapted module: delta(x) = scale * (x @ a.T) @ b.T. a (r, d_in), b (d_out, r); in a host
+    adapter b is stored transposed (b.t() contiguous, the pool's layout), so a load is two plain copies."""
 
     a: torch.Tensor
     b: torch.Tensor
@@ -137,7 +138,7 @@ def read_lora_dir(name: str, path: str | Path, shapes: dict[str, tuple[int, int]
         raise _fail(name, path, f"peft_type {kind!r}: the engine serves LORA, DYLORA and ADALORA adapters")
     if not modules:
         raise _fail(name, path, "holds no LoRA tensors")
-    modules = {k: ModuleLora(m.a.to(dtype).contiguous(), m.b.to(dtype).contiguous(), m.scale)
+    modules = {k: ModuleLora(m.a.to(dtype).contiguous(), m.b.to(dtype).t().contiguous().t(), m.scale)
                for k, m in sorted(modules.items())}
     return HostAdapter(name, str(path), modules, kind)
 

@@ -129,8 +129,8 @@ class Engine:
             raise ConfigError(f"serve.lora_kernel=native runs on the CPU; the model is on {self.device}")
         if native_lora.load() is None:
             if kernel == "native":
-                raise ConfigError(f"serve.lora_kernel=native: the C++ kernel did not build ({native_lora.build_error()})"
-                                  "; use segment")
+                raise ConfigError("serve.lora_kernel=native: the C++ kernel did not build "
+                                  f"({native_lora.build_error()}); use segment")
             return False
         return True
 
