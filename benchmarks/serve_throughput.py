@@ -473,6 +473,14 @@ def run_mixed_batch(base, trace: list[TraceRequest], dirs: list[Path], batch: in
 
 
 # -- report --------------------------------------------------------------------------------------------
+def median_runs(runs: list[Run]) -> list[Run]:
+    """One run per (system, n), in first-seen order: the median by req/s (the lower middle of an even count)."""
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        groups.setdefault((r.system, r.n), []).append(r)
+    return [sorted(g, key=lambda r: r.summary()["req_per_s"])[(len(g) - 1) // 2] for g in groups.values()]
+
+
 def row_cells(run: Run) -> list:
     s, m = run.summary(), run.memory
     loads = run.stats.get("loads", run.stats.get("swaps", "-"))
@@ -545,6 +553,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--page-tokens", type=int, default=16)
     ap.add_argument("--adapter-dir", default=None, help="where adapters are written and reused")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--repeat", type=int, default=1, help="engine runs per row, interleaved; the table shows "
+                    "each row's median run by req/s")
     ap.add_argument("--lora-kernel", default="auto", help="engine kernels, comma-separated (segment, gather, native, "
                     "auto); the first gives the '" + ENGINE + "' rows and the targets, the others extra rows")
     args = ap.parse_args()
@@ -590,23 +600,31 @@ def main() -> None:
                  f"setup {run.setup_seconds:.1f} s", *(f"{k} {v}" for k, v in run.stats.items() if k in SHOWN)]
         print(f"  {run.system:17s} n={run.n}: " + ", ".join(parts), flush=True)
 
-    if "c" in baselines:
-        done(run_engine(base, first, None, config, device))  # the base-only trace ignores adapter indices
     kernels = args.lora_kernel.split(",")
-    for n in ns:
-        trace = traces[n]
-        for k in kernels:
-            done(run_engine(base, trace, dirs[:n], replace(config, lora_kernel=k), device,
-                            system=ENGINE if k == kernels[0] else f"{ENGINE} ({k})"))
-        if n <= args.baseline_max_n:
-            if "a" in baselines:
-                done(run_merge_swap(base, trace, dirs[:n], args.max_running, device))
-            if "b" in baselines:
-                done(run_mixed_batch(base, trace, dirs[:n], args.max_running, device))
-        gc.collect()
+    for rep in range(args.repeat):  # engine rows again, interleaved: machine drift hits each alike
+        if "c" in baselines:
+            done(run_engine(base, first, None, config, device))  # the base-only trace ignores adapter indices
+        for n in ns:
+            trace = traces[n]
+            for k in kernels:
+                done(run_engine(base, trace, dirs[:n], replace(config, lora_kernel=k), device,
+                                system=ENGINE if k == kernels[0] else f"{ENGINE} ({k})"))
+            if n <= args.baseline_max_n and rep == 0:
+                if "a" in baselines:
+                    done(run_merge_swap(base, trace, dirs[:n], args.max_running, device))
+                if "b" in baselines:
+                    done(run_mixed_batch(base, trace, dirs[:n], args.max_running, device))
+            gc.collect()
+    every = runs[:]
+    runs[:] = median_runs(every)
     print(f"\n{args.model}, {args.dtype}, {device}; {len(first)} requests per run; times in s unless marked; memory "
           f"in MiB (engine: pool at peak; static batches: largest batch's KV cache); peak RSS {mib(peak_rss())} MiB\n")
     print(table(HEAD, [row_cells(r) for r in runs]))
+    if args.repeat > 1:
+        print("\nreq/s of every run (the table shows the median):")
+        for r in runs:
+            got = [f"{x.summary()['req_per_s']:.2f}" for x in every if (x.system, x.n) == (r.system, r.n)]
+            print(f"  {r.system} n={r.n}: {', '.join(got)}")
     goals = targets(runs, ns)
     print("\ntargets (req/s ratios on the same trace):")
     for g in goals:
@@ -617,6 +635,7 @@ def main() -> None:
     payload = {"args": vars(args), "model_config": base.config.to_diff_dict(), "engine_config": asdict(config),
                "requests": len(first), "adapter_dir": str(root), "peft_merge_max_err": peft_err,
                "peak_rss": peak_rss(), "native_kernel_built": native_lora.load() is not None,
+               "req_per_s_runs": [{"system": r.system, "n": r.n, "req_per_s": r.summary()["req_per_s"]} for r in every],
                "rows": [{"system": r.system, "n": r.n, **r.summary(), "memory": r.memory, "stats": r.stats,
                          "setup_seconds": r.setup_seconds} for r in runs], "targets": goals}
     print(f"wrote {save(name, payload)}")
