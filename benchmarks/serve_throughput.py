@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import gc
 import json
 import math
@@ -231,6 +232,7 @@ class Run:
     memory: dict = field(default_factory=dict)  # bytes by category
     stats: dict = field(default_factory=dict)
     setup_seconds: float = 0.0
+    rep: int = 0  # which repetition (--repeat) it belongs to
 
     def summary(self) -> dict:
         rec = self.records
@@ -242,6 +244,15 @@ class Run:
                 "output_tok_per_s": tokens / span, "ttft_p50": float(np.percentile(ttft, 50)),
                 "ttft_p90": float(np.percentile(ttft, 90)), "tpot_mean": float(np.mean(tpot)) if tpot else None,
                 "latency_mean": float(np.mean([r.finish - r.arrival for r in rec]))}
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap back to the OS (glibc), where that is possible."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def rss() -> int:
@@ -494,8 +505,10 @@ HEAD = ["system", "n", "req/s", "out tok/s", "TTFT p50 s", "TTFT p90 s", "TPOT m
         "host adapter MiB", "RSS MiB", "loads"]
 
 
-def targets(runs: list[Run], ns: list[int]) -> list[dict]:
-    """The issue's targets, each at the adapter count it names (or the nearest this run has)."""
+def targets(runs: list[Run], ns: list[int], every: list[Run] | None = None) -> list[dict]:
+    """The issue's targets, each at the adapter count it names (or the nearest this run has). With
+    repetitions, n = max against n = 10 is also the median of the ratios within each repetition (runs
+    a minute apart, so slow drift of the machine cancels)."""
     rate = {(r.system, r.n): r.summary()["req_per_s"] for r in runs}
     out = []
 
@@ -514,6 +527,16 @@ def targets(runs: list[Run], ns: list[int]) -> list[dict]:
     big = max(ns)
     if big != small:
         ratio(f"engine n={big} / engine n={small}", (ENGINE, big), (ENGINE, small), 0.9)
+        pairs = {}
+        for r in every or []:
+            if r.system == ENGINE and r.n in (big, small):
+                pairs.setdefault(r.rep, {})[r.n] = r.summary()["req_per_s"]
+        each = sorted(p[big] / p[small] for p in pairs.values() if len(p) == 2)
+        if len(each) > 1:
+            value = float(np.median(each))
+            out.append({"target": f"engine n={big} / engine n={small}, median of {len(each)} paired repetitions "
+                                  f"({', '.join(f'{x:.2f}' for x in each)})", "value": value, "goal": ">= 0.9",
+                        "holds": value >= 0.9})
     biggest = next((r for r in runs if r.system == ENGINE and r.n == big), None)
     if biggest is not None:
         total = psutil.virtual_memory().total
@@ -593,8 +616,12 @@ def main() -> None:
           f"{peft_err:.2g})", flush=True)
     runs: list[Run] = []
 
+    rep = 0
+
     def done(run: Run) -> None:
+        run.rep = rep
         runs.append(run)
+        release_memory()  # so the next run's RSS is its own, not this one's freed heap
         s = run.summary()
         parts = [f"{s['req_per_s']:.2f} req/s", f"{s['output_tok_per_s']:.1f} tok/s", f"TTFT p50 {s['ttft_p50']:.2f} s",
                  f"setup {run.setup_seconds:.1f} s", *(f"{k} {v}" for k, v in run.stats.items() if k in SHOWN)]
@@ -625,7 +652,7 @@ def main() -> None:
         for r in runs:
             got = [f"{x.summary()['req_per_s']:.2f}" for x in every if (x.system, x.n) == (r.system, r.n)]
             print(f"  {r.system} n={r.n}: {', '.join(got)}")
-    goals = targets(runs, ns)
+    goals = targets(runs, ns, every)
     print("\ntargets (req/s ratios on the same trace):")
     for g in goals:
         value = "-" if g["value"] is None else (f"{g['value']:.2f}" if isinstance(g["value"], float) else g["value"])

@@ -282,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-adapters-per-batch", type=int, default=32, help="distinct adapters in one batch")
     s.add_argument("--max-resident-adapters", type=int, default=0,
                    help="device adapter slots (0: as many as the pool holds)")
+    s.add_argument("--lora-kernel", choices=["auto", "segment", "gather", "native"], default="auto",
+                   help="per-token LoRA kernel (auto: the C++ segment loop on CPU when it builds, else Python's; "
+                        "gather for decode on CUDA)")
     s.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     s.add_argument("--enable-adapter-loading", action="store_true",
                    help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter")

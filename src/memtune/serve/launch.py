@@ -97,7 +97,7 @@ def serve(ns) -> int:
 
     config = EngineConfig(pool_mib=ns.pool_mib, page_tokens=ns.page_tokens, max_running=ns.max_running,
                           max_prefill_tokens=ns.max_batch_tokens, max_adapters=ns.max_adapters_per_batch,
-                          max_resident_adapters=ns.max_resident_adapters)
+                          max_resident_adapters=ns.max_resident_adapters, lora_kernel=ns.lora_kernel)
     config.check()
     adapters = parse_adapters(ns.adapters or [])
     if ns.adapter_dir:
