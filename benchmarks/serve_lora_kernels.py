@@ -9,12 +9,14 @@ kernel (segment: the Python loop; gather: BGMV; native: the C++ loop) runs the s
 same engine, rounds interleaved so machine drift hits every kernel alike; the median is reported,
 next to the base matmuls of the same layers (the floor the LoRA terms sit on). The adapters' bytes
 read per step are printed too: past a few adapters the CPU's memory bandwidth, not dispatch, is
-the limit every kernel shares.
+the limit every kernel shares. Last, whole decode steps of two engines (10 and `batch` distinct
+adapters under the same 32 sequences), stepped in turn: the adapter count's cost on a real step.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import tempfile
@@ -27,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import save, table  # noqa: E402
 from serve_throughput import DTYPES, MODELS, IdTokenizer, build_model, target_shapes, write_adapters  # noqa: E402
 
-from memtune.serve import Engine, EngineConfig, native_lora  # noqa: E402
+from memtune.serve import Engine, EngineConfig, SamplingParams, native_lora  # noqa: E402
 from memtune.serve.lora_kernels import Segment  # noqa: E402
 
 KERNELS = ("segment", "gather", "native")
@@ -56,6 +58,7 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=48, help="tokens of the mixed step's one prefill (0: none)")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=40, help="whole decode steps per engine (0: skip that part)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -107,11 +110,40 @@ def main() -> None:
                     "base_ms": med["base"], "lora_ms": lora, "all_ms": med})
         print(f"  {label}: base {med['base']:.2f} ms; LoRA " + ", ".join(f"{k} {v:.2f}" for k, v in lora.items()),
               flush=True)
+    steps = whole_steps(base, dirs, args, ks) if args.steps else []
     head = ["step", "adapter MiB read", "base matmuls ms", *(f"+ {k} ms" for k in kernels),
             *(["segment / native"] if built else [])]
     print()
     print(table(head, rows))
-    print(f"wrote {save('serve_lora_kernels', {'args': vars(args), 'native_built': built, 'rows': out})}")
+    if steps:
+        print("\nwhole engine steps (auto kernel), 32 sequences decoding, engines stepped in turn:")
+        print(table(["distinct adapters", "median step ms", "vs the fewest"],
+                    [[k, f"{ms:.1f}", f"{steps[0][1] / ms:.3f}"] for k, ms in steps]))
+    payload = {"args": vars(args), "native_built": built, "rows": out, "steps": steps}
+    print(f"wrote {save('serve_lora_kernels', payload)}")
+
+
+def whole_steps(base, dirs: list[Path], args, ks: list[int]) -> list[tuple[int, float]]:
+    """Median time of whole decode steps (model forward, sampling, bookkeeping) with `batch` sequences
+    over k distinct adapters, one engine per k, stepped in turn so drift hits each alike."""
+    engines = {}
+    for k in sorted({min(ks[-1], 10), ks[-1]}):
+        eng = Engine(copy.deepcopy(base), IdTokenizer(), EngineConfig(pool_mib=512.0))
+        for i in range(k):
+            eng.add_adapter(f"a{i}", dirs[i])
+        g = torch.Generator().manual_seed(0)
+        for i in range(args.batch):
+            eng.add_request(torch.randint(5, 32000, (24,), generator=g).tolist(), f"a{i % k}",
+                            SamplingParams(max_tokens=args.steps + 8, ignore_eos=True))
+        eng.step()  # every prefill
+        engines[k] = eng
+    times: dict[int, list[float]] = {k: [] for k in engines}
+    for _ in range(args.steps):
+        for k, eng in engines.items():
+            t = time.perf_counter()
+            eng.step()
+            times[k].append(time.perf_counter() - t)
+    return [(k, statistics.median(v) * 1e3) for k, v in times.items()]
 
 
 if __name__ == "__main__":
