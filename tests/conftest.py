@@ -19,6 +19,14 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
+def pytest_sessionstart(session):
+    """Build the serving engine's C++ kernel (native_lora) once up front, so no test that times a server's
+    start pays for the first build (about 30 s on 2 cores; cached under torch's extensions folder after)."""
+    from memtune.serve import native_lora
+
+    native_lora.load()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models: one intra-op thread is as fast, and far faster when the cores are shared (OpenMP
