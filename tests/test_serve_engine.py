@@ -211,6 +211,26 @@ def test_evict_and_reload_gives_identical_outputs(base, adapter_dirs):
     assert eng.adapters.evictions >= 3 and eng.adapters.loads >= 4
 
 
+def test_a_registered_adapter_does_not_follow_its_file(base, adapter_dirs, tmp_path):
+    """Host adapters are copies: rewriting the file in place after registration (same size, other
+    values; safetensors maps files lazily) changes nothing the engine serves."""
+    import shutil
+
+    src = tmp_path / "ad"
+    shutil.copytree(adapter_dirs["r4-all"], src)
+    p = prompts(1, seed=13)[0]
+    want = engine(base, {"x": src}).generate([p], ["x"], SamplingParams(max_tokens=6, ignore_eos=True))[0].output_ids
+    eng = engine(base, {"x": src})  # registered, not yet loaded into the pool
+    weights = src / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:  # in place: the same inode, the same length
+        f.write(b"\0" * 8 + bytes(size - 8))
+    got = eng.generate([p], ["x"], SamplingParams(max_tokens=6, ignore_eos=True))[0].output_ids
+    save_file(tensors, weights)
+    assert got == want
+
+
 def test_every_page_is_free_after_a_run(base, adapter_dirs):
     eng = engine(base, adapter_dirs, max_running=4)
     names = list(adapter_dirs)

@@ -138,7 +138,10 @@ def read_lora_dir(name: str, path: str | Path, shapes: dict[str, tuple[int, int]
         raise _fail(name, path, f"peft_type {kind!r}: the engine serves LORA, DYLORA and ADALORA adapters")
     if not modules:
         raise _fail(name, path, "holds no LoRA tensors")
-    modules = {k: ModuleLora(m.a.to(dtype).contiguous(), m.b.to(dtype).t().contiguous().t(), m.scale)
+    # copies, never views: load_file maps the file lazily, and a host adapter must not fault pages in from
+    # disk at its first use, change when the file is rewritten, or die (SIGBUS) when the file is truncated
+    modules = {k: ModuleLora(m.a.to(dtype).clone(memory_format=torch.contiguous_format),
+                             m.b.to(dtype).t().clone(memory_format=torch.contiguous_format).t(), m.scale)
                for k, m in sorted(modules.items())}
     return HostAdapter(name, str(path), modules, kind)
 
