@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -50,7 +51,12 @@ def load():
             if not cpp_extension.is_ninja_available():
                 raise RuntimeError("ninja is not installed (pip install ninja)")
             flags = ["-O3", "-march=native", "-fopenmp-simd"]
-            _module = cpp_extension.load(name=_build_name(), sources=[str(SOURCE)], extra_cflags=flags,
+            name = _build_name()
+            where = Path(cpp_extension._get_build_directory(name, False))  # torch's own cache folder for it
+            if not (where / f"{name}.so").is_file():
+                print(f"memtune: building the C++ LoRA kernel for this CPU (once; cached in {where})",
+                      file=sys.stderr, flush=True)
+            _module = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags,
                                          verbose=bool(os.environ.get("MEMTUNE_VERBOSE_BUILD")))
         except Exception as e:  # a missing compiler, headers or ninja: the Python loop still serves
             _error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
