@@ -125,3 +125,15 @@ def test_engine_falls_back_without_the_build(base, adapter_dirs, monkeypatch):  
     assert [r.output_ids for r in fallback.generate(ps, names, params)] == want
     with pytest.raises(ConfigError, match="native: the C\\+\\+ kernel did not build .*no compiler.*use segment"):
         Engine(base, with_native.tokenizer, EngineConfig(lora_kernel="native"))
+
+
+def test_status_reports_the_build_without_building(monkeypatch, tmp_path):
+    ext()  # built (or skipped where no toolchain is)
+    assert native_lora.status().startswith("native (")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # an empty cache: nothing built there
+    monkeypatch.setattr(native_lora, "_module", None)
+    monkeypatch.setattr(native_lora, "_tried", False)
+    assert native_lora.status() == "native (built on first use, about 30 s)"
+    monkeypatch.setattr(native_lora, "_tried", True)
+    monkeypatch.setattr(native_lora, "_error", "RuntimeError: no headers")
+    assert native_lora.status() == "Python loop (the C++ kernel did not build: RuntimeError: no headers)"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 # kernels: bitsandbytes fetches its AVX512-BF16 CPU GEMM through it when installed
 PACKAGES = ("memtune", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors", "tokenizers",
-            "datasets", "kernels")
+            "datasets", "kernels", "ninja")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
@@ -68,6 +68,9 @@ def collect() -> dict[str, str]:
     out["CPU flags memtune's paths depend on"] = ", ".join(f"{f}={_yes(f in flags)}" for f in CPU_FLAGS) \
         if flags else "unknown (no /proc/cpuinfo)"
     out["bitsandbytes AVX512-BF16 (packed NF4 CPU kernel)"] = _bnb_avx512bf16()
+    from .serve import native_lora
+
+    out["serve LoRA kernel on the CPU"] = native_lora.status()
     out["CUDA available"] = _yes(torch.cuda.is_available())
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):

@@ -64,6 +64,23 @@ def load():
         return _module
 
 
+def status() -> str:
+    """What `memtune env` reports, without building: built (cached), buildable on first use, or why not."""
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    if _module is not None:
+        return f"native (loaded: {_module.__file__})"
+    if _tried:
+        return f"Python loop (the C++ kernel did not build: {_error})"
+    if not cpp_extension.is_ninja_available() or shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "Python loop (no C++ compiler or ninja here)"
+    name = _build_name()
+    so = Path(cpp_extension._get_build_directory(name, False)) / f"{name}.so"
+    return f"native (built: {so})" if so.is_file() else "native (built on first use, about 30 s)"
+
+
 def build_error() -> str | None:
     """Why `load()` returned None (after it was called), else None."""
     return _error
