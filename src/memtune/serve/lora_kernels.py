@@ -3,7 +3,7 @@
     y (T, d_out) += s_t * (x_t @ A_t.T) @ B_t.T      A_t (r_t, d_in), B_t (d_out, r_t): token t's adapter
 
 after one base matmul for the whole batch (the caller's). Ranks stay exact: no adapter is padded to
-the largest rank in the batch. Two forms, equal up to float summation order:
+the largest rank in the batch. Three forms, equal up to float summation order:
 
   segment  tokens are sorted by adapter, so each adapter is one contiguous segment [s, e):
            y[s:e] += s * (x[s:e] @ A.T) @ B.T. Two GEMMs per adapter; no copies. Punica's SGMV,
