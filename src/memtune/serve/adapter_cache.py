@@ -21,12 +21,13 @@ from .lora_kernels import AdapterViews, Factor
 from .pool import PagePool, PoolFull
 
 NAME_RE = re.compile(r"^[\w.\-]{1,64}$")
-Factors = AdapterViews  # module -> its factors, views into the pool (and their offset table)
+Factors = AdapterViews  # one resident adapter: its pool views by module, and their offset table
 
 
 class AdapterCache:
     def __init__(self, pool: PagePool, shapes: dict[str, tuple[int, int]], max_resident: int = 0) -> None:
         self.pool, self.shapes, self.max_resident = pool, shapes, max_resident  # 0: as many as pages allow
+        self.rows = {module: i for i, module in enumerate(shapes)}  # module -> its row in every adapter's table
         self.host: dict[str, HostAdapter] = {}
         self.resident: OrderedDict[str, Factors] = OrderedDict()  # LRU order: oldest first
         self.pins: Counter[str] = Counter()
@@ -106,9 +107,8 @@ class AdapterCache:
                     raise
         t0 = time.perf_counter()
         factors, offset = {}, 0
-        index = {module: i for i, module in enumerate(self.shapes)}
-        table = torch.zeros(len(index), 3, dtype=torch.long)  # (M, 3): A offset, Bt offset, rank
-        scales = torch.zeros(len(index), dtype=torch.float32)
+        table = torch.zeros(len(self.rows), 3, dtype=torch.long)  # (M, 3): A offset, Bt offset, rank
+        scales = torch.zeros(len(self.rows), dtype=torch.float32)
         for module, m in adapter.modules.items():  # packed A (r, d_in) then B^T (r, d_out), module by module
             a = flat[offset:offset + m.a.numel()].view(m.a.shape)
             offset += m.a.numel()
@@ -117,8 +117,8 @@ class AdapterCache:
             a.copy_(m.a, non_blocking=True)
             bt.copy_(m.b.t(), non_blocking=True)
             factors[module] = Factor(a, bt.t(), m.scale, a.t(), bt)
-            table[index[module]] = torch.tensor([a.storage_offset(), bt.storage_offset(), m.a.shape[0]])
-            scales[index[module]] = m.scale
+            table[self.rows[module]] = torch.tensor([a.storage_offset(), bt.storage_offset(), m.a.shape[0]])
+            scales[self.rows[module]] = m.scale
         if flat.device.type == "cuda":
             torch.cuda.current_stream().synchronize()
         self.load_seconds += time.perf_counter() - t0

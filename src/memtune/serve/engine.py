@@ -136,8 +136,7 @@ class Engine:
 
     def step_lora(self, segments: list[Segment], adapters: list, kernel: str) -> StepLora:
         """One step's LoRA metadata for `kernel` (what every wrapped layer reads during the forward)."""
-        modules = {module: i for i, module in enumerate(self.shapes)}  # the adapters' table rows
-        return StepLora(segments, adapters, kernel, self.pool.storage.view(-1), modules)
+        return StepLora(segments, adapters, kernel, self.pool.storage.view(-1), self.adapters.rows)
 
     # -- adapters ------------------------------------------------------------------------------------
     def add_adapter(self, name: str, path, rank: int | None = None) -> None:
